@@ -1,0 +1,1 @@
+"""Preference data: records, tokenisation, batching and loading."""

@@ -1,0 +1,1 @@
+"""Decoder-only transformers (Flax NNX) and their weight converters."""
