@@ -1,0 +1,248 @@
+"""Preference records: read JSONL, Parquet and lists; normalise them to prompt/chosen/rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+# HH-RLHF's turn marker: an implicit prompt is cut right after its last occurrence.
+DEFAULT_RESPONSE_MARKER = "\n\nAssistant:"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceText:
+    """One preference pair as text: the response strings follow the prompt string directly.
+
+    Attributes:
+      prompt: the prompt text (for conversations, rendered with the generation prompt).
+      chosen: the preferred response text.
+      rejected: the dispreferred response text.
+      where: where the record came from, for messages (`data.jsonl:12`, `records[3]`).
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRecord:
+    """A record as read, before normalisation, with its place for error messages."""
+
+    record: Mapping[str, Any]
+    where: str
+
+
+def read_jsonl(path: str | os.PathLike) -> list[RawRecord]:
+    """Reads one JSON object per line; blank lines are skipped.
+
+    Raises:
+      ValueError: a line is not valid JSON or not an object (the message names `path:line`).
+    """
+    path = os.fspath(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            records.append(RawRecord(record, where))
+    return records
+
+
+def read_parquet(path: str | os.PathLike) -> list[RawRecord]:
+    """Reads every row of a Parquet file as a record (list columns become lists of dicts)."""
+    import pyarrow.parquet  # only Parquet users pay for pyarrow
+
+    path = os.fspath(path)
+    rows = pyarrow.parquet.read_table(path).to_pylist()
+    return [RawRecord(row, f"{path} row {index}") for index, row in enumerate(rows)]
+
+
+def from_sequence(records: Sequence[Mapping[str, Any]], name: str = "records") -> list[RawRecord]:
+    """Wraps in-memory records (a list of dicts, or any random-access source of dicts).
+
+    Raises:
+      TypeError: an element is not a dict.
+    """
+    raw = []
+    for index in range(len(records)):
+        record = records[index]
+        where = f"{name}[{index}]"
+        if not isinstance(record, Mapping):
+            raise TypeError(f"{where}: expected a dict, found {type(record).__name__}")
+        raw.append(RawRecord(record, where))
+    return raw
+
+
+def load_records(source: Any) -> list[RawRecord]:
+    """Reads records from a `.jsonl`/`.json` or `.parquet` path, or a sequence of dicts.
+
+    A TFDS dataset is read through `dpo_jax.data.tfds_source.PreferenceDataSource`, which is
+    such a sequence.
+
+    Raises:
+      ValueError: there are no records, or the path's suffix is not known.
+      TypeError: `source` is none of the above.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if path.endswith((".jsonl", ".json")):
+            raw = read_jsonl(path)
+        elif path.endswith(".parquet"):
+            raw = read_parquet(path)
+        else:
+            raise ValueError(f"{path}: unknown file type (expected .jsonl, .json or .parquet)")
+        name = path
+    elif isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
+        raw = from_sequence(source)
+        name = "the given records"
+    else:
+        raise TypeError(
+            f"records source must be a path or a sequence of dicts, found {type(source).__name__}"
+        )
+    if not raw:
+        raise ValueError(f"{name}: the dataset is empty (no preference records)")
+    return raw
+
+
+def normalize_record(
+    raw: RawRecord, tokenizer: Any = None, *, response_marker: str | None = DEFAULT_RESPONSE_MARKER
+) -> PreferenceText:
+    """Turns a record of any of the three shapes into prompt/chosen/rejected text.
+
+    Shapes:
+      explicit: `prompt`, `chosen`, `rejected` strings.
+      conversational: `chosen`/`rejected` (and optionally `prompt`) lists of `{"role", "content"}`
+        messages, rendered with `tokenizer.apply_chat_template`. Without `prompt`, the prompt is
+        the longest common list of leading messages. The prompt is rendered with the generation
+        prompt; a response is render(prompt + response) minus the rendered prompt.
+      implicit: `chosen`/`rejected` strings only (HH-RLHF); see `split_common_prefix`.
+
+    Byte strings (as TFDS returns them) are decoded as UTF-8.
+
+    Raises:
+      ValueError: `chosen` or `rejected` is missing (the message lists the fields found), or a
+        conversation's rendered prompt is not a prefix of its rendered full conversation.
+      TypeError: a field has the wrong type, or the shapes are mixed.
+    """
+    record, where = raw.record, raw.where
+    fields = {}
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in record or (key == "prompt" and record[key] is None):
+            if key != "prompt":
+                raise ValueError(f"{where}: record has no {key!r} field (found: {sorted(record)})")
+            continue
+        fields[key] = _check_field(record[key], key, where)
+    conversational = [isinstance(value, list) for value in fields.values()]
+    if any(conversational) and not all(conversational):
+        kinds = {key: type(value).__name__ for key, value in fields.items()}
+        raise TypeError(f"{where}: mixed record shapes: {kinds} (use all strings or all messages)")
+    if all(conversational):
+        return _render_conversation(fields, where, tokenizer)
+    if "prompt" in fields:
+        return PreferenceText(fields["prompt"], fields["chosen"], fields["rejected"], where)
+    if fields["chosen"] == fields["rejected"]:
+        return PreferenceText("", fields["chosen"], fields["rejected"], where)
+    prompt, chosen, rejected = split_common_prefix(
+        fields["chosen"], fields["rejected"], response_marker=response_marker
+    )
+    return PreferenceText(prompt, chosen, rejected, where)
+
+
+def split_common_prefix(
+    chosen: str, rejected: str, *, response_marker: str | None = DEFAULT_RESPONSE_MARKER
+) -> tuple[str, str, str]:
+    """Splits two texts into (shared prompt, chosen response, rejected response).
+
+    The prompt is the longest common prefix, cut back to a boundary so no word is split:
+    right after the last `response_marker` in the prefix (HH-RLHF's "\\n\\nAssistant:") when
+    there is one, else just before the last whitespace character of the prefix, so the
+    whitespace opens the response (as TRL's `extract_prompt` does). With no such boundary the
+    prompt is empty.
+
+    Returns:
+      (prompt, chosen_response, rejected_response), with prompt + response == the input.
+    """
+    limit = min(len(chosen), len(rejected))
+    common = 0
+    while common < limit and chosen[common] == rejected[common]:
+        common += 1
+    prefix = chosen[:common]
+    marker_at = prefix.rfind(response_marker) if response_marker else -1
+    if marker_at >= 0:
+        cut = marker_at + len(response_marker)
+    else:
+        cut = max((i for i, char in enumerate(prefix) if char.isspace()), default=0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def iter_normalized(
+    raw_records: Sequence[RawRecord], tokenizer: Any = None, **kwargs: Any
+) -> Iterator[PreferenceText]:
+    """`normalize_record` over a sequence of records."""
+    for raw in raw_records:
+        yield normalize_record(raw, tokenizer, **kwargs)
+
+
+def _check_field(value: Any, key: str, where: str) -> str | list:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        messages = []
+        for index, message in enumerate(value):
+            if not (
+                isinstance(message, Mapping)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                raise TypeError(
+                    f"{where}: {key}[{index}] must be a message {{'role': str, 'content': str}}, "
+                    f"found {message!r:.80}"
+                )
+            messages.append(dict(message))
+        return messages
+    raise TypeError(
+        f"{where}: field {key!r} must be a string or a list of {{'role', 'content'}} messages, "
+        f"found {type(value).__name__}"
+    )
+
+
+def _render_conversation(fields: dict, where: str, tokenizer: Any) -> PreferenceText:
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where}: a conversational record needs a tokenizer with a chat template")
+    chosen, rejected = fields["chosen"], fields["rejected"]
+    if "prompt" in fields:
+        prompt = fields["prompt"]
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    responses = []
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages:  # nothing to render: counted later as an empty response
+            responses.append("")
+            continue
+        full_text = tokenizer.apply_chat_template(prompt + messages, add_generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError(
+                f"{where}: the rendered prompt is not a prefix of the rendered prompt + {name} "
+                f"(the chat template renders a turn differently once it is followed by a "
+                f"response): {prompt_text[-60:]!r} vs {full_text[: len(prompt_text)][-60:]!r}"
+            )
+        responses.append(full_text[len(prompt_text) :])
+    return PreferenceText(prompt_text, responses[0], responses[1], where)
