@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # HH-RLHF's turn marker: an implicit prompt is cut right after its last occurrence.
@@ -185,14 +185,6 @@ def split_common_prefix(
     else:
         cut = max((i for i, char in enumerate(prefix) if char.isspace()), default=0)
     return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def iter_normalized(
-    raw_records: Sequence[RawRecord], tokenizer: Any = None, **kwargs: Any
-) -> Iterator[PreferenceText]:
-    """`normalize_record` over a sequence of records."""
-    for raw in raw_records:
-        yield normalize_record(raw, tokenizer, **kwargs)
 
 
 def _check_field(value: Any, key: str, where: str) -> str | list:

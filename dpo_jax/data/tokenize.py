@@ -1,0 +1,247 @@
+"""Tokenise preference pairs: the prompt once, each response apart, joined as tokens, truncated."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from dpo_jax.data.records import PreferenceText, RawRecord, normalize_record
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+PROMPT_TOO_LONG_POLICIES = ("truncate", "drop")
+# Why a record was dropped; every key is always reported, zeros included.
+DROP_REASONS = (
+    "chosen_equals_rejected",  # identical texts: no preference to learn
+    "empty_response",  # a response is empty or whitespace only
+    "empty_prompt",  # no prompt tokens and no bos: the first response token has no context
+    "prompt_too_long",  # prompt over max_prompt_length with prompt_too_long="drop"
+    "no_response_tokens",  # the prompt fills max_length: no response token is left
+    "chosen_equals_rejected_after_truncation",  # truncation made the two token lists identical
+)
+# What was cut in a kept record ("records" counts records with any cut).
+TRUNCATED_PARTS = ("records", "prompt", "chosen", "rejected")
+
+
+@dataclasses.dataclass
+class DataStats:
+    """Counts of what happened to the records: read, kept, dropped by reason, truncated.
+
+    Attributes:
+      records: records read.
+      kept: records that became a tokenised pair.
+      dropped: reason -> records dropped for it (keys: DROP_REASONS).
+      truncated: part -> kept records in which that part was cut (keys: TRUNCATED_PARTS).
+      rows: rows of length max_length the kept pairs fill (one per pair unless packed).
+    """
+
+    records: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(DROP_REASONS, 0)
+    )
+    truncated: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(TRUNCATED_PARTS, 0)
+    )
+    rows: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat counts: `records`, `kept`, `rows`, `dropped/<reason>`, `truncated/<part>`."""
+        counts = {"records": self.records, "kept": self.kept, "rows": self.rows}
+        counts.update({f"dropped/{reason}": n for reason, n in self.dropped.items()})
+        counts.update({f"truncated/{part}": n for part, n in self.truncated.items()})
+        return counts
+
+    def __str__(self) -> str:
+        dropped = ", ".join(f"{r}={n}" for r, n in self.dropped.items() if n) or "none"
+        truncated = ", ".join(f"{p}={n}" for p, n in self.truncated.items() if n) or "none"
+        return (
+            f"{self.records} records: {self.kept} kept in {self.rows} rows; "
+            f"dropped: {dropped}; truncated: {truncated}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPair:
+    """A pair's token ids; a row is `prompt_ids + chosen_ids` (or `+ rejected_ids`).
+
+    Attributes:
+      prompt_ids: [P] int32, starting with bos when the tokenizer adds one.
+      chosen_ids: [Rc] int32, the chosen response and its eos (unless truncation cut it).
+      rejected_ids: [Rr] int32, likewise.
+      where: the record's place, for messages.
+    """
+
+    prompt_ids: np.ndarray
+    chosen_ids: np.ndarray
+    rejected_ids: np.ndarray
+    where: str
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """(chosen row length, rejected row length) in tokens."""
+        prompt_length = len(self.prompt_ids)
+        return prompt_length + len(self.chosen_ids), prompt_length + len(self.rejected_ids)
+
+
+def check_limits(
+    max_length: int, max_prompt_length: int | None, truncation_mode: str, prompt_too_long: str
+) -> None:
+    """Raises ValueError naming the value and the expectation when a limit is invalid."""
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length={max_length!r} must be an int >= 2")
+    if max_prompt_length is not None and not 1 <= max_prompt_length < max_length:
+        raise ValueError(
+            f"max_prompt_length={max_prompt_length!r} must be None or in "
+            f"[1, max_length={max_length})"
+        )
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode={truncation_mode!r} must be one of {TRUNCATION_MODES}")
+    if prompt_too_long not in PROMPT_TOO_LONG_POLICIES:
+        raise ValueError(
+            f"prompt_too_long={prompt_too_long!r} must be one of {PROMPT_TOO_LONG_POLICIES}"
+        )
+
+
+def tokenize_pair(
+    text: PreferenceText,
+    tokenizer: Any,
+    stats: DataStats,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    prompt_too_long: str = "truncate",
+) -> TokenizedPair | None:
+    """Tokenises and truncates one pair, counting it in `stats`; None when it is dropped.
+
+    The prompt is encoded once and each response apart, then joined as token lists, so the
+    prompt tokens are the same in both rows whatever the responses are. bos is prepended when
+    `tokenizer.add_bos` (unless the rendered prompt already starts with it); eos is appended
+    to each response (unless it already ends with it).
+
+    Truncation, in order:
+      1. a prompt over `max_prompt_length` tokens is dropped (`prompt_too_long="drop"`) or cut to
+         that length: "keep_end" keeps its last tokens (after the bos, which stays), "keep_start"
+         its first;
+      2. each response is cut at its end to `max_length - len(prompt)` tokens (its eos may go).
+    A pair with no response token left, or whose two responses became identical, is dropped.
+    """
+    stats.records += 1
+    reason = _text_problem(text)
+    if reason is None:
+        prompt_ids = _encode_prompt(text.prompt, tokenizer)
+        chosen_ids = _encode_response(text.chosen, tokenizer)
+        rejected_ids = _encode_response(text.rejected, tokenizer)
+        if not prompt_ids:
+            reason = "empty_prompt"
+        elif not text.chosen or not text.rejected or not chosen_ids or not rejected_ids:
+            reason = "empty_response"
+    if reason is not None:
+        stats.dropped[reason] += 1
+        return None
+    cut = set()
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        if prompt_too_long == "drop":
+            stats.dropped["prompt_too_long"] += 1
+            return None
+        prompt_ids = _cut_prompt(prompt_ids, max_prompt_length, truncation_mode, tokenizer)
+        cut.add("prompt")
+    budget = max_length - len(prompt_ids)
+    if budget <= 0:
+        stats.dropped["no_response_tokens"] += 1
+        return None
+    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        if len(ids) > budget:
+            cut.add(name)
+    chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+    if chosen_ids == rejected_ids:
+        stats.dropped["chosen_equals_rejected_after_truncation"] += 1
+        return None
+    for part in cut:
+        stats.truncated[part] += 1
+    stats.truncated["records"] += bool(cut)
+    stats.kept += 1
+    as_array = lambda ids: np.asarray(ids, dtype=np.int32)
+    return TokenizedPair(
+        as_array(prompt_ids), as_array(chosen_ids), as_array(rejected_ids), text.where
+    )
+
+
+def tokenize_records(
+    raw_records: Iterable[RawRecord],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    prompt_too_long: str = "truncate",
+    response_marker: str | None = None,
+) -> tuple[list[TokenizedPair], DataStats]:
+    """Normalises and tokenises every record; returns the kept pairs and the counts.
+
+    Args:
+      raw_records: records from `records.load_records`.
+      tokenizer: a `dpo_jax.tokenizer.Tokenizer`.
+      max_length: most tokens in a row (prompt + response).
+      max_prompt_length: most prompt tokens (bos included), or None.
+      truncation_mode: "keep_end" (keep the prompt's last tokens, as TRL) or "keep_start".
+      prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length.
+      response_marker: for implicit-prompt records, the marker after which the prompt ends
+        (None: `records.DEFAULT_RESPONSE_MARKER`).
+
+    Raises:
+      ValueError, TypeError: a malformed record or an invalid limit (see `normalize_record`).
+    """
+    check_limits(max_length, max_prompt_length, truncation_mode, prompt_too_long)
+    marker = {} if response_marker is None else {"response_marker": response_marker}
+    stats = DataStats()
+    pairs = []
+    for raw in raw_records:
+        text = normalize_record(raw, tokenizer, **marker)
+        pair = tokenize_pair(
+            text,
+            tokenizer,
+            stats,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+            prompt_too_long=prompt_too_long,
+        )
+        if pair is not None:
+            pairs.append(pair)
+    return pairs, stats
+
+
+def _text_problem(text: PreferenceText) -> str | None:
+    if text.chosen == text.rejected:
+        return "chosen_equals_rejected"
+    if not text.chosen.strip() or not text.rejected.strip():
+        return "empty_response"
+    return None
+
+
+def _encode_prompt(prompt: str, tokenizer: Any) -> list[int]:
+    ids = list(tokenizer.encode(prompt)) if prompt else []
+    # A chat template usually writes the bos itself; never add a second one.
+    if tokenizer.add_bos and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id, *ids]
+    return ids
+
+
+def _encode_response(response: str, tokenizer: Any) -> list[int]:
+    ids = list(tokenizer.encode(response)) if response else []
+    if ids and tokenizer.eos_id is not None and ids[-1] != tokenizer.eos_id:
+        ids.append(tokenizer.eos_id)
+    return ids
+
+
+def _cut_prompt(ids: list[int], limit: int, truncation_mode: str, tokenizer: Any) -> list[int]:
+    if truncation_mode == "keep_start":
+        return ids[:limit]
+    # keep_end: the bos stays first, as the model was trained to see it.
+    if tokenizer.add_bos and ids[:1] == [tokenizer.bos_id] and limit > 1:
+        return [ids[0], *ids[len(ids) - limit + 1 :]]
+    return ids[len(ids) - limit :]

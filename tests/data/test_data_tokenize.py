@@ -1,0 +1,174 @@
+"""Tokenising pairs: token layout per record shape, truncation modes, and every drop counted.
+
+Ids (tiny_tokenizers.VOCAB): <pad>=0 <bos>=1 <eos>=2 a=4 b=5 c=6 d=7 e=8 f=9 g=10 h=11
+Human:=12 Assistant:=13 <user>=14 <assistant>=15 <end>=16.
+"""
+
+import pytest
+from tiny_tokenizers import make_word_tokenizer
+
+from dpo_jax.data.records import PreferenceText, RawRecord
+from dpo_jax.data.tokenize import (
+    DROP_REASONS,
+    TRUNCATED_PARTS,
+    DataStats,
+    tokenize_pair,
+    tokenize_records,
+)
+
+
+def _tokenize(records, tokenizer=None, **limits):
+    tokenizer = tokenizer or make_word_tokenizer()
+    raw = [RawRecord(record, f"records[{i}]") for i, record in enumerate(records)]
+    limits.setdefault("max_length", 32)
+    return tokenize_records(raw, tokenizer, **limits)
+
+
+def _as_lists(pair):
+    return pair.prompt_ids.tolist(), pair.chosen_ids.tolist(), pair.rejected_ids.tolist()
+
+
+def test_explicit_record_layout():
+    (pair,), stats = _tokenize([{"prompt": "a b", "chosen": "c d", "rejected": "e"}])
+    # bos + prompt; each response + eos.
+    assert _as_lists(pair) == ([1, 4, 5], [6, 7, 2], [8, 2])
+    assert pair.lengths == (6, 5)
+    assert stats.as_dict()["kept"] == 1
+
+
+def test_no_bos_when_the_tokenizer_adds_none():
+    (pair,), _ = _tokenize(
+        [{"prompt": "a b", "chosen": "c", "rejected": "d"}], make_word_tokenizer(add_bos=False)
+    )
+    assert _as_lists(pair) == ([4, 5], [6, 2], [7, 2])
+
+
+def test_implicit_record_layout():
+    record = {"chosen": "Human: a Assistant: b c", "rejected": "Human: a Assistant: d"}
+    (pair,), _ = _tokenize([record], response_marker="Assistant:")
+    assert _as_lists(pair) == ([1, 12, 4, 13], [5, 6, 2], [7, 2])
+
+
+def test_conversational_layout_has_one_bos():
+    # The chat template writes "<bos>" itself; the pipeline must not add a second one.
+    record = {
+        "prompt": [{"role": "user", "content": "a"}],
+        "chosen": [{"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "assistant", "content": "c d"}],
+    }
+    (pair,), _ = _tokenize([record])
+    assert _as_lists(pair) == ([1, 14, 4, 16, 15], [5, 16, 2], [6, 7, 16, 2])
+
+
+@pytest.mark.parametrize(
+    "mode, prompt_ids",
+    [
+        ("keep_end", [1, 8, 9]),  # bos stays, then the prompt's last 2 tokens
+        ("keep_start", [1, 4, 5]),  # the first 3 tokens, bos included
+    ],
+)
+def test_prompt_truncation_modes(mode, prompt_ids):
+    record = {"prompt": "a b c d e f", "chosen": "g", "rejected": "h"}
+    (pair,), stats = _tokenize([record], max_prompt_length=3, truncation_mode=mode)
+    assert _as_lists(pair) == (prompt_ids, [10, 2], [11, 2])
+    assert stats.truncated == {"records": 1, "prompt": 1, "chosen": 0, "rejected": 0}
+
+
+def test_keep_end_without_bos():
+    record = {"prompt": "a b c d e f", "chosen": "g", "rejected": "h"}
+    (pair,), _ = _tokenize(
+        [record],
+        make_word_tokenizer(add_bos=False),
+        max_prompt_length=2,
+        truncation_mode="keep_end",
+    )
+    assert pair.prompt_ids.tolist() == [8, 9]
+
+
+def test_responses_are_cut_at_their_end_by_max_length():
+    record = {"prompt": "a", "chosen": "b c d", "rejected": "e"}
+    (pair,), stats = _tokenize([record], max_length=4)
+    # 2 prompt tokens leave 2 for each response: "b c" loses "d" and its eos.
+    assert _as_lists(pair) == ([1, 4], [5, 6], [8, 2])
+    assert stats.truncated == {"records": 1, "prompt": 0, "chosen": 1, "rejected": 0}
+
+
+def test_prompt_then_response_truncation_together():
+    record = {"prompt": "a b c d", "chosen": "e f g", "rejected": "h"}
+    (pair,), stats = _tokenize(
+        [record], max_length=5, max_prompt_length=3, truncation_mode="keep_end"
+    )
+    assert _as_lists(pair) == ([1, 6, 7], [8, 9], [11, 2])
+    assert stats.truncated == {"records": 1, "prompt": 1, "chosen": 1, "rejected": 0}
+
+
+@pytest.mark.parametrize(
+    "record, limits, reason",
+    [
+        ({"prompt": "a", "chosen": "b", "rejected": "b"}, {}, "chosen_equals_rejected"),
+        ({"chosen": "a b", "rejected": "a b"}, {}, "chosen_equals_rejected"),
+        ({"prompt": "a", "chosen": " ", "rejected": "b"}, {}, "empty_response"),
+        ({"prompt": "a", "chosen": "b", "rejected": ""}, {}, "empty_response"),
+        (
+            {"prompt": "a b c d", "chosen": "e", "rejected": "f"},
+            {"max_prompt_length": 3, "prompt_too_long": "drop"},
+            "prompt_too_long",
+        ),
+        (
+            {"prompt": "a b c d", "chosen": "e", "rejected": "f"},
+            {"max_length": 5},
+            "no_response_tokens",
+        ),
+        (
+            {"prompt": "a", "chosen": "b c", "rejected": "b d"},
+            {"max_length": 3},
+            "chosen_equals_rejected_after_truncation",
+        ),
+    ],
+)
+def test_drops_are_counted_by_reason(record, limits, reason):
+    good = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    pairs, stats = _tokenize([good, record, good], **limits)
+    assert len(pairs) == 2
+    expected = dict.fromkeys(DROP_REASONS, 0) | {reason: 1}
+    assert stats.dropped == expected
+    assert (stats.records, stats.kept) == (3, 2)
+
+
+def test_empty_prompt_without_bos_is_dropped():
+    tokenizer = make_word_tokenizer(add_bos=False)
+    _, stats = _tokenize([{"prompt": "", "chosen": "a", "rejected": "b"}], tokenizer)
+    assert stats.dropped["empty_prompt"] == 1
+
+
+def test_prompt_over_the_limit_is_truncated_and_counted_by_default():
+    records = [{"prompt": "a b c d", "chosen": "e", "rejected": "f"}] * 3
+    pairs, stats = _tokenize(records, max_prompt_length=2)
+    assert len(pairs) == 3
+    assert stats.truncated["prompt"] == 3
+
+
+def test_stats_report_every_key():
+    stats = DataStats()
+    keys = {"records", "kept", "rows"}
+    keys |= {f"dropped/{r}" for r in DROP_REASONS} | {f"truncated/{p}" for p in TRUNCATED_PARTS}
+    assert set(stats.as_dict()) == keys
+    tokenize_pair(PreferenceText("a", "b", "b", "x"), make_word_tokenizer(), stats, max_length=8)
+    assert "dropped: chosen_equals_rejected=1" in str(stats)
+
+
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"max_length": 1}, "max_length=1 must be an int >= 2"),
+        (
+            {"max_prompt_length": 32},
+            r"max_prompt_length=32 must be None or in \[1, max_length=32\)",
+        ),
+        ({"truncation_mode": "left"}, "truncation_mode='left' must be one of"),
+        ({"prompt_too_long": "skip"}, "prompt_too_long='skip' must be one of"),
+    ],
+)
+def test_invalid_limits_are_errors(limits, message):
+    with pytest.raises(ValueError, match=message):
+        _tokenize([{"prompt": "a", "chosen": "b", "rejected": "c"}], **limits)
