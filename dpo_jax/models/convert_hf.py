@@ -1,0 +1,292 @@
+"""Hugging Face checkpoints (config.json + safetensors) to and from our params; never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.transformer import Params
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Tensors some checkpoints carry that hold no weights (recomputed buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _Spec(NamedTuple):
+    """One HF tensor: its name and shape, where it goes in our params, and the two layouts' maps."""
+
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    path: tuple[Any, ...]
+    to_param: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+    return x
+
+
+def _linear(out_shape: tuple[int, ...]):
+    """HF Linear weight [out, in] <-> our kernel [in, *out_shape] (the einsum's layout)."""
+    return (
+        lambda w: np.ascontiguousarray(w.T).reshape(w.shape[1], *out_shape),
+        lambda k: np.ascontiguousarray(k.reshape(k.shape[0], -1).T),
+    )
+
+
+def _linear_from_heads(in_shape: tuple[int, ...]):
+    """HF o_proj weight [D, H*Dh] <-> our kernel [H, Dh, D]."""
+    return (
+        lambda w: np.ascontiguousarray(w.T).reshape(*in_shape, w.shape[0]),
+        lambda k: np.ascontiguousarray(k.reshape(-1, k.shape[-1]).T),
+    )
+
+
+def _reshaped(shape: tuple[int, ...]):
+    return (lambda b: b.reshape(shape), lambda p: p.reshape(-1))
+
+
+def _specs(config: ModelConfig) -> Iterator[_Spec]:
+    """Every tensor of a transformers checkpoint of this config, with transformers' names."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    yield _Spec("model.embed_tokens.weight", (v, d), ("embedding",), _identity, _identity)
+    yield _Spec("model.norm.weight", (d,), ("final_norm", "scale"), _identity, _identity)
+    if not config.tie_word_embeddings:
+        yield _Spec("lm_head.weight", (v, d), ("lm_head",), np.transpose, np.transpose)
+    gemma = config.post_norms
+    norms = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attn_norm" if gemma else "mlp_norm",
+    }
+    if gemma:
+        norms.update(
+            pre_feedforward_layernorm="mlp_norm", post_feedforward_layernorm="post_mlp_norm"
+        )
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        layer = ("layers", i)
+        for hf_norm, norm in norms.items():
+            yield _Spec(
+                f"{prefix}{hf_norm}.weight", (d,), (*layer, norm, "scale"), _identity, _identity
+            )
+        attn = f"{prefix}self_attn."
+        for name, heads in (("q", h), ("k", k), ("v", k)):
+            yield _Spec(
+                f"{attn}{name}_proj.weight",
+                (heads * dh, d),
+                (*layer, "attn", f"{name}_kernel"),
+                *_linear((heads, dh)),
+            )
+            if config.qkv_bias:
+                yield _Spec(
+                    f"{attn}{name}_proj.bias",
+                    (heads * dh,),
+                    (*layer, "attn", f"{name}_bias"),
+                    *_reshaped((heads, dh)),
+                )
+        yield _Spec(
+            f"{attn}o_proj.weight",
+            (d, h * dh),
+            (*layer, "attn", "o_kernel"),
+            *_linear_from_heads((h, dh)),
+        )
+        if config.o_bias:
+            yield _Spec(
+                f"{attn}o_proj.bias", (d,), (*layer, "attn", "o_bias"), _identity, _identity
+            )
+        if config.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                yield _Spec(
+                    f"{attn}{name}.weight",
+                    (dh,),
+                    (*layer, "attn", name, "scale"),
+                    _identity,
+                    _identity,
+                )
+        mlp = f"{prefix}mlp."
+        for name in ("gate", "up"):
+            yield _Spec(
+                f"{mlp}{name}_proj.weight",
+                (f, d),
+                (*layer, "mlp", f"{name}_kernel"),
+                np.transpose,
+                np.transpose,
+            )
+        yield _Spec(
+            f"{mlp}down_proj.weight",
+            (d, f),
+            (*layer, "mlp", "down_kernel"),
+            np.transpose,
+            np.transpose,
+        )
+
+
+def _set(tree: dict, path: tuple[Any, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any]) -> Params:
+    """Our params from tensors named as transformers names them.
+
+    Args:
+        config: the model the tensors belong to.
+        tensors: name -> array (numpy, or anything with `.shape` that `np.asarray` accepts), e.g.
+            "model.layers.0.self_attn.q_proj.weight" -> [H * Dh, D]. HF layouts: Linear weights
+            are [out, in]; RMSNorm weights as stored by transformers (Gemma's offsets from 1).
+
+    Returns:
+        Params in the structure of `init_params(config, ...)`, jax arrays in `config.param_dtype`.
+
+    Raises:
+        ValueError: a tensor is missing, has the wrong shape (the message names it and both
+            shapes), or is not part of this architecture.
+    """
+    dtype = jnp.dtype(config.param_dtype)
+    params: dict[str, Any] = {}
+    expected = set()
+    for spec in _specs(config):
+        expected.add(spec.hf_name)
+        if spec.hf_name not in tensors:
+            raise ValueError(f"tensor {spec.hf_name!r} is missing (expected shape {spec.hf_shape})")
+        tensor = tensors[spec.hf_name]
+        shape = tuple(tensor.shape)
+        if shape != spec.hf_shape:
+            raise ValueError(
+                f"tensor {spec.hf_name!r} has shape {shape}, expected {spec.hf_shape} "
+                f"from the {config.family} config"
+            )
+        value = spec.to_param(np.asarray(tensor))
+        _set(params, spec.path, jnp.asarray(value, dtype=dtype))
+    unexpected = sorted(
+        name
+        for name in tensors
+        if name not in expected
+        and not name.endswith(_IGNORED_SUFFIXES)
+        and not (config.tie_word_embeddings and name == "lm_head.weight")
+    )
+    if unexpected:
+        raise ValueError(
+            f"{len(unexpected)} tensors do not belong to a {config.family} model of this config: "
+            f"{unexpected[:10]}"
+        )
+    return params
+
+
+def hf_tensors_from_params(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_hf_tensors`: transformers-named numpy arrays (contiguous)."""
+    tensors = {}
+    for spec in _specs(config):
+        value = np.asarray(jax.device_get(_get(params, spec.path)))
+        tensors[spec.hf_name] = np.ascontiguousarray(spec.to_hf(value))
+        if tensors[spec.hf_name].shape != spec.hf_shape:
+            raise ValueError(
+                f"param {spec.path} gives {spec.hf_name!r} of shape "
+                f"{tensors[spec.hf_name].shape}, expected {spec.hf_shape}"
+            )
+    return tensors
+
+
+class _LazyTensor:
+    """A tensor in a safetensors file: shape from the header, data read by `np.asarray`."""
+
+    def __init__(self, path: str, name: str):
+        self.path, self.name = path, name
+        with safe_open(path, framework="numpy") as f:
+            self.shape = tuple(f.get_slice(name).get_shape())
+
+    def __array__(self, dtype=None, copy=None):
+        with safe_open(self.path, framework="numpy") as f:
+            array = f.get_tensor(self.name)
+        return array if dtype is None else array.astype(dtype)
+
+
+def _safetensors_files(model_dir: str) -> list[str]:
+    single = os.path.join(model_dir, WEIGHTS_FILE)
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: has no 'weight_map' dict")
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(model_dir, shard)
+            if os.path.dirname(os.path.normpath(path)) != os.path.normpath(model_dir):
+                raise ValueError(f"{index}: shard {shard!r} is outside the model directory")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: shard listed in {index} does not exist")
+            files.append(path)
+        return files
+    raise FileNotFoundError(
+        f"{model_dir}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)"
+    )
+
+
+def read_hf_config(model_dir: str) -> dict[str, Any]:
+    """config.json of a model directory, as a dict."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no config.json in the model directory")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_hf(model_dir: str, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+    """Reads a transformers model directory: config.json and safetensors weights.
+
+    Args:
+        model_dir: directory with config.json and model.safetensors (or
+            model.safetensors.index.json and its shards).
+        **config_overrides: ModelConfig fields to set (dtype, param_dtype, remat, attention_impl).
+
+    Returns:
+        (config, params); params are jax arrays in `config.param_dtype`.
+
+    Raises:
+        FileNotFoundError: config.json or the weights are missing (names the path).
+        ValueError: unsupported architecture, or a tensor missing or of the wrong shape.
+    """
+    config = ModelConfig.from_hf_config(read_hf_config(model_dir), **config_overrides)
+    tensors = {}
+    for path in _safetensors_files(model_dir):
+        with safe_open(path, framework="numpy") as f:
+            names = list(f.keys())
+        for name in names:
+            tensors[name] = _LazyTensor(path, name)
+    return config, params_from_hf_tensors(config, tensors)
+
+
+def save_hf(model_dir: str, config: ModelConfig, params: Params) -> None:
+    """Writes config.json and model.safetensors that transformers' `from_pretrained` loads.
+
+    Weights are written in `config.param_dtype`; a tied model writes no lm_head.
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    tensors = hf_tensors_from_params(config, params)
+    save_file(tensors, os.path.join(model_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
+        json.dump(config.to_hf_config(), f, indent=2, sort_keys=True)
+        f.write("\n")
