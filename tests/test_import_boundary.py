@@ -1,0 +1,59 @@
+"""`import dpo_jax.losses` needs jax only: checked in fresh interpreters."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+HEAVY_PACKAGES = ("flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "grain", "torch")
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_python_c_import_losses_works():
+    result = _run_python("import dpo_jax.losses")
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_losses_loads_no_heavy_package():
+    code = (
+        "import sys\n"
+        "import dpo_jax.losses\n"
+        f"heavy = {HEAVY_PACKAGES!r}\n"
+        "loaded = sorted({n.split('.')[0] for n in sys.modules} & set(heavy))\n"
+        "print(','.join(loaded))\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", (
+        f"importing dpo_jax.losses loaded {result.stdout.strip()}; keep losses.py and "
+        "dpo_jax/__init__.py free of imports beyond jax and the standard library"
+    )
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["sigmoid", "sft"], "bco_pair"])
+def test_loss_runs_with_heavy_packages_unimportable(loss_type):
+    # Stands in for "an environment with only jax installed": any import of these packages fails.
+    code = (
+        "import importlib.abc, sys\n"
+        f"heavy = {HEAVY_PACKAGES!r}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in heavy:\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import jax.numpy as jnp\n"
+        "from dpo_jax.losses import dpo_loss_fn\n"
+        "x = jnp.zeros(4)\n"
+        f"loss, _ = dpo_loss_fn(x, x, x, x, beta=0.1, loss_type={loss_type!r})\n"
+        "print(float(loss))\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) >= 0.0
