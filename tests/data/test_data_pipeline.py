@@ -25,10 +25,11 @@ def _first_batch(records, **kwargs):
 def _pairs_in(batch):
     """Each real pair of a batch as (chosen tokens, rejected tokens), in row/segment order."""
     pairs = []
+    tokens, segment_ids = batch["tokens"], batch["segment_ids"]
     for b, slots in enumerate(batch["pair_mask"]):
         for k in np.flatnonzero(slots):
-            side = lambda s: tuple(batch["tokens"][b, s][batch["segment_ids"][b, s] == k + 1])
-            pairs.append((side(0), side(1)))
+            sides = [tuple(tokens[b, s][segment_ids[b, s] == k + 1]) for s in (0, 1)]
+            pairs.append(tuple(sides))
     return pairs
 
 
@@ -169,9 +170,9 @@ def test_packed_rows_hold_every_pair_once_per_epoch():
     pairs = [pair for batch in batches for pair in _pairs_in(batch)]
     assert len(pairs) == len(set(pairs)) == 50
     for batch in batches:  # both sides of a row hold the same number of segments
-        count = lambda side: batch["segment_ids"][:, side].max(axis=1)
-        np.testing.assert_array_equal(count(0), batch["pair_mask"].sum(axis=1))
-        np.testing.assert_array_equal(count(1), batch["pair_mask"].sum(axis=1))
+        for side in (0, 1):
+            segments = batch["segment_ids"][:, side].max(axis=1)
+            np.testing.assert_array_equal(segments, batch["pair_mask"].sum(axis=1))
 
 
 def test_eval_batches_hold_every_pair_once_in_order():

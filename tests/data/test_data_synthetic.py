@@ -1,4 +1,4 @@
-"""The synthetic task: deterministic, learnable (chosen right, rejected 1-2 digits off), short, split."""
+"""The synthetic task: deterministic, learnable (rejected 1-2 digits off), short, split."""
 
 import pytest
 
