@@ -97,20 +97,20 @@ def _smoothed_sigmoid(logits: jax.Array, label_smoothing) -> jax.Array:
 
 @_register("sigmoid", label_smoothing_range="[0, 0.5]")
 def _sigmoid(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """DPO (Rafailov et al. 2023, eq. 7); with ε > 0 conservative DPO (cDPO, Mitchell 2023):
+    """DPO (arXiv:2305.18290, eq. 7); with ε > 0 conservative DPO (cDPO, Mitchell 2023):
     ℓ = −(1−ε)·log σ(βδ) − ε·log σ(−βδ)."""
     return _smoothed_sigmoid(hp.beta * pairs.margin, hp.label_smoothing)
 
 
 @_register("hinge")
 def _hinge(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """SLiC hinge (Zhao et al. 2023): ℓ = max(0, 1 − βδ)."""
+    """SLiC hinge (arXiv:2305.10425): ℓ = max(0, 1 − βδ)."""
     return jax.nn.relu(1.0 - hp.beta * pairs.margin)
 
 
 @_register("ipo")
 def _ipo(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """IPO (Azar et al. 2023, eq. 17, β plays the paper's τ): ℓ = (δ − 1/(2β))².
+    """IPO (arXiv:2310.12036, eq. 17; β is the paper's τ): ℓ = (δ − 1/(2β))².
 
     With response lengths the log-ratios are per-token averages, as current TRL does:
     ℓ = (Δc/|y_w| − Δr/|y_l| − 1/(2β))².
@@ -127,7 +127,7 @@ def _ipo(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("robust", label_smoothing_range="[0, 0.5)")
 def _robust(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """Robust DPO (Chowdhury et al. 2024, eq. 3), unbiased under label-flip rate ε:
+    """Robust DPO (arXiv:2403.00409), unbiased under a label-flip rate ε:
     ℓ = [−(1−ε)·log σ(βδ) + ε·log σ(−βδ)] / (1 − 2ε)."""
     logits = hp.beta * pairs.margin
     eps = hp.label_smoothing
@@ -138,7 +138,7 @@ def _robust(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("exo_pair", label_smoothing_range="[0, 0.5]")
 def _exo_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """Pairwise EXO (Ji et al. 2024, eq. 16): KL(softmax(βΔc, βΔr) ‖ (1−ε, ε)),
+    """Pairwise EXO (arXiv:2402.00856, eq. 16): KL(softmax(βΔc, βΔr) ‖ (1−ε, ε)),
     ℓ = σ(βδ)·[log σ(βδ) − log(1−ε)] + σ(−βδ)·[log σ(−βδ) − log ε].
 
     ε = label_smoothing, or EXO_DEFAULT_EPSILON (1e-3, the paper's value) when it is 0.
@@ -152,7 +152,7 @@ def _exo_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("nca_pair")
 def _nca_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """Pairwise NCA (Chen et al. 2024, eq. 12):
+    """Pairwise NCA (arXiv:2402.05369):
     ℓ = −log σ(βΔc) − ½·log σ(−βΔc) − ½·log σ(−βΔr)."""
     chosen_rewards = hp.beta * pairs.chosen_logratios
     rejected_rewards = hp.beta * pairs.rejected_logratios
@@ -165,7 +165,7 @@ def _nca_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("bco_pair")
 def _bco_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """Pairwise BCO (Jung et al. 2024, eq. 7) with reward shift δ₀ (the running mean reward):
+    """Pairwise BCO (arXiv:2404.04656) with reward shift δ₀ (the running mean reward):
     ℓ = −log σ(βΔc − δ₀) − log σ(−(βΔr − δ₀))."""
     return -jax.nn.log_sigmoid(hp.beta * pairs.chosen_logratios - hp.bco_delta) - (
         jax.nn.log_sigmoid(-(hp.beta * pairs.rejected_logratios - hp.bco_delta))
@@ -174,7 +174,7 @@ def _bco_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("sppo_hard")
 def _sppo_hard(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """SPPO with hard win probabilities (Wu et al. 2024, eq. 4.7 with P = 1 / 0):
+    """SPPO with hard win probabilities (arXiv:2405.00675, eq. 4.7 with P = 1 / 0):
     ℓ = (Δc − 1/(2β))² + (Δr + 1/(2β))²."""
     half_inverse_beta = 0.5 / hp.beta
     return (pairs.chosen_logratios - half_inverse_beta) ** 2 + (
@@ -198,7 +198,7 @@ def _sorted_margin(first: jax.Array, second: jax.Array, mask: jax.Array) -> jax.
 
 @_register("aot", label_smoothing_range="[0, 0.5]")
 def _aot(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """AOT for paired data (Melnyk et al. 2024): the cDPO loss on
+    """AOT for paired data (arXiv:2406.05882): the cDPO loss on
     δ_sorted = sort_batch(log π(y_w) − log π(y_l)) − sort_batch(log π_ref(y_w) − log π_ref(y_l)).
 
     The sort runs over the pairs of this call (all valid pairs of the global batch under jit).
@@ -211,7 +211,7 @@ def _aot(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("aot_pair", label_smoothing_range="[0, 0.5]")
 def _aot_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """AOT for unpaired data (Melnyk et al. 2024; TRL ≥ 1.x renamed it `aot_unpaired`):
+    """AOT for unpaired data (arXiv:2406.05882; current TRL calls it `aot_unpaired`):
     the cDPO loss on δ_sorted = sort_batch(Δc) − sort_batch(Δr)."""
     margin = _sorted_margin(pairs.chosen_logratios, pairs.rejected_logratios, pairs.mask)
     return _smoothed_sigmoid(hp.beta * margin, hp.label_smoothing)
@@ -219,7 +219,7 @@ def _aot_pair(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("apo_zero")
 def _apo_zero(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): ℓ = (1 − σ(βΔc)) + σ(βΔr)."""
+    """APO-zero (arXiv:2408.06266, eq. 7): ℓ = (1 − σ(βΔc)) + σ(βΔr)."""
     return (1.0 - jax.nn.sigmoid(hp.beta * pairs.chosen_logratios)) + jax.nn.sigmoid(
         hp.beta * pairs.rejected_logratios
     )
@@ -227,7 +227,7 @@ def _apo_zero(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("apo_down")
 def _apo_down(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """APO-down (D'Oosterlinck et al. 2024, eq. 8): ℓ = σ(βΔc) + (1 − σ(βδ))."""
+    """APO-down (arXiv:2408.06266, eq. 8): ℓ = σ(βΔc) + (1 − σ(βδ))."""
     return jax.nn.sigmoid(hp.beta * pairs.chosen_logratios) + (
         1.0 - jax.nn.sigmoid(hp.beta * pairs.margin)
     )
@@ -235,7 +235,7 @@ def _apo_down(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("discopop")
 def _discopop(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, eq. 5), z = βδ, m = σ(z/τ):
+    """DiscoPOP / log-ratio modulated loss (arXiv:2406.08414, eq. 5), z = βδ, m = σ(z/τ):
     ℓ = −log σ(z)·(1 − m) + e^(−z)·m,  τ = discopop_tau (0.05 in the paper)."""
     logits = hp.beta * pairs.margin
     logistic_part = -jax.nn.log_sigmoid(logits) * jax.nn.sigmoid(-logits / hp.discopop_tau)
@@ -246,7 +246,7 @@ def _discopop(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("simpo", label_smoothing_range="[0, 0.5]", needs_lengths=True)
 def _simpo(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """SimPO (Meng et al. 2024, eq. 6), reference-free and length-normalised, γ = simpo_gamma:
+    """SimPO (arXiv:2405.14734), reference-free and length-normalised, γ = simpo_gamma:
     z = β·(log π(y_w)/|y_w| − log π(y_l)/|y_l|) − γ,  ℓ = −(1−ε)·log σ(z) − ε·log σ(−z).
 
     The reference log-probs are ignored whatever is passed (as in TRL's CPOTrainer).
@@ -270,7 +270,7 @@ def _sigmoid_norm(pairs: Pairs, hp: Hyper) -> jax.Array:
 
 @_register("sft")
 def _sft(pairs: Pairs, hp: Hyper) -> jax.Array:
-    """Negative log-likelihood of the chosen response (RPO's generation term, Pang et al. 2024).
+    """Negative log-likelihood of the chosen response (RPO's NLL term, arXiv:2404.19733).
 
     With `chosen_lengths`: the NLL per chosen token over the batch, −Σ_i log π(y_w,i) / Σ_i |y_w,i|
     (TRL's token-level cross-entropy), returned as per-pair terms whose masked mean is that ratio.
@@ -349,13 +349,12 @@ def _check_shapes(named_arrays: dict) -> tuple[int, ...]:
 
 
 def _check_optional_inputs(names, ref_chosen, ref_rejected, chosen_len, rejected_len, pair_mask):
-    if (ref_chosen is None) != (ref_rejected is None):
-        given, missing = (
-            ("ref_chosen_logps", "ref_rejected_logps")
-            if ref_rejected is None
-            else ("ref_rejected_logps", "ref_chosen_logps")
-        )
-        raise ValueError(f"{given} is given but {missing} is None; pass both or neither")
+    for given, missing, value in (
+        ("ref_chosen_logps", "ref_rejected_logps", ref_rejected),
+        ("ref_rejected_logps", "ref_chosen_logps", ref_chosen),
+    ):
+        if value is None and (ref_chosen is not None or ref_rejected is not None):
+            raise ValueError(f"{given} is given but {missing} is None; pass both or neither")
     needing = [name for name in names if LOSS_VARIANTS[name].needs_lengths]
     if "ipo" in names and (chosen_len is not None or rejected_len is not None):
         needing.append("ipo")  # the length-normalised IPO needs both counts
@@ -403,20 +402,12 @@ def _build_pairs(inputs: dict, reference_free: bool) -> Pairs:
     )
 
 
-def _bco_running_mean_update(pairs: Pairs, beta, running_mean, running_count):
-    """One step of TRL's RunningMoments on the batch's mean reward (count = batches seen):
+def _bco_state(names, pairs: Pairs, beta, running_mean, running_count):
+    """bco_pair's δ₀ for this batch and the state metrics; ({}, 0) without bco_pair.
+
+    One step of TRL's RunningMoments fed the batch's mean reward (the count is batches seen):
     r̄ = mean over valid pairs of the 2P rewards β·Δc and β·Δr; n' = n + 1; δ₀' = δ₀ + (r̄ − δ₀)/n'.
     """
-    rewards = jax.lax.stop_gradient(
-        beta * jnp.concatenate([pairs.chosen_logratios, pairs.rejected_logratios])
-    )  # [2P]
-    batch_mean = _masked_mean(rewards, jnp.concatenate([pairs.mask, pairs.mask]))
-    count = running_count + 1.0
-    return running_mean + (batch_mean - running_mean) / count, count
-
-
-def _bco_state(names, pairs: Pairs, beta, running_mean, running_count):
-    """δ₀ for this batch and the state metrics; ({}, 0) when bco_pair is not among `names`."""
     if "bco_pair" not in names:
         if running_mean is not None or running_count is not None:
             raise ValueError(
@@ -424,12 +415,13 @@ def _bco_state(names, pairs: Pairs, beta, running_mean, running_count):
                 f"but loss_type={list(names)} has no 'bco_pair'"
             )
         return {}, 0.0
-    delta, count = _bco_running_mean_update(
-        pairs,
-        beta,
-        0.0 if running_mean is None else running_mean,
-        0.0 if running_count is None else running_count,
-    )
+    running_mean = 0.0 if running_mean is None else running_mean
+    count = (0.0 if running_count is None else running_count) + 1.0
+    rewards = jax.lax.stop_gradient(
+        beta * jnp.concatenate([pairs.chosen_logratios, pairs.rejected_logratios])
+    )  # [2P]
+    batch_mean = _masked_mean(rewards, jnp.concatenate([pairs.mask, pairs.mask]))
+    delta = running_mean + (batch_mean - running_mean) / count
     return {"bco/running_mean": delta, "bco/running_count": count}, delta
 
 

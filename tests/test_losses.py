@@ -449,7 +449,7 @@ def _pad(b, slots, fill):
     return padded, mask
 
 
-@pytest.mark.parametrize("fill", [0.0, -1e4, np.nan, -np.inf])
+@pytest.mark.parametrize("fill", [np.nan, -np.inf])  # garbage a padding slot may hold
 @pytest.mark.parametrize(("loss_type", "kwargs", "reference"), CASES, ids=CASE_IDS)
 def test_padding_pairs_change_nothing(loss_type, kwargs, reference, fill):
     b = make_batch(14, num_pairs=6)
