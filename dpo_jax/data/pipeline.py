@@ -15,7 +15,6 @@ stream is short, and it is padded with `pair_mask` False, never dropped.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,14 +125,7 @@ def batches_from_rows(
     process_count: int,
 ) -> grain.MapDataset:
     """The grain dataset of this host's batches (see the module docstring)."""
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(
-            f"batch_size={batch_size} must be a positive multiple of process_count={process_count}"
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs={num_epochs} must be None (forever) or >= 1")
+    check_batching(batch_size, pairs_per_row, num_epochs, process_index, process_count)
     dataset = grain.MapDataset.source(list(rows))
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
@@ -147,7 +139,30 @@ def batches_from_rows(
         pairs_per_row=pairs_per_row,
         pad_id=pad_id,
     )
-    return grain.MapDataset.range(math.ceil(len(dataset) / batch_size)).map(host_batch)
+    num_batches = -(-len(dataset) // batch_size)  # integer ceil: len is 2**63 - 1 when forever
+    return grain.MapDataset.range(num_batches).map(host_batch)
+
+
+def check_batching(
+    batch_size: int,
+    pairs_per_row: int,
+    num_epochs: int | None,
+    process_index: int,
+    process_count: int,
+) -> None:
+    """Raises ValueError naming the value and the expectation when a batching argument is bad."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} must be in [0, process_count={process_count})"
+        )
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} must be a positive multiple of process_count={process_count}"
+        )
+    if pairs_per_row < 1:
+        raise ValueError(f"pairs_per_row={pairs_per_row} must be >= 1")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs={num_epochs} must be None (forever) or >= 1")
 
 
 def make_pair_iterator(
@@ -193,6 +208,7 @@ def make_pair_iterator(
       ValueError, TypeError: bad records or arguments (the message says which and where).
     """
     process_index, process_count = _process(process_index, process_count)
+    check_batching(batch_size, pairs_per_row, num_epochs, process_index, process_count)
     pairs, stats = tokenize_source(
         source,
         tokenizer,
@@ -244,6 +260,7 @@ def make_eval_batches(
       `pair_mask` False).
     """
     process_index, process_count = _process(process_index, process_count)
+    check_batching(batch_size, pairs_per_row, 1, process_index, process_count)
     pairs, stats = tokenize_source(
         source,
         tokenizer,

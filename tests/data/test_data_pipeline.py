@@ -209,15 +209,16 @@ def test_counts_come_back_from_a_jsonl_source(tmp_path):
     [
         ({"batch_size": 3, "process_count": 2}, "batch_size=3 must be a positive multiple"),
         (
-            {"batch_size": 2, "process_index": 2, "process_count": 2},
-            r"process_index=2 must be in \[0, 2\)",
+            {"process_index": 2, "process_count": 2},
+            r"process_index=2 must be in \[0, process_count=2\)",
         ),
+        ({"pairs_per_row": 0}, "pairs_per_row=0 must be >= 1"),
         ({"num_epochs": 0}, "num_epochs=0 must be None"),
     ],
 )
-def test_bad_arguments_are_errors(kwargs, message):
+def test_bad_arguments_are_errors_before_any_record_is_read(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        _first_batch([{"prompt": "a", "chosen": "b", "rejected": "c"}], max_length=8, **kwargs)
+        _first_batch("no/such/file.jsonl", max_length=8, **kwargs)
 
 
 def test_no_surviving_pair_is_an_error_with_the_counts():
