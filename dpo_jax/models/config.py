@@ -201,6 +201,8 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {DTYPES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: {ATTENTION_IMPLS}")
+        if self.attention_impl == "cudnn" and self.attn_logit_softcapping is not None:
+            raise ValueError("attention_impl='cudnn' does not support attn_logit_softcapping")
         for name in ("bos_token_id", "eos_token_id"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))

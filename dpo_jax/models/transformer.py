@@ -198,6 +198,11 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """See `make_apply_fn`."""
         config = self.config
+        if config.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(
+                f"attention_impl='cudnn' needs an NVIDIA GPU (backend: {jax.default_backend()}); "
+                "use attention_impl='xla'"
+            )
         dtype = jnp.dtype(config.dtype)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [B, T, D]
         if config.embed_scale:
