@@ -22,7 +22,7 @@ import grain
 import numpy as np
 
 from dpo_jax.data.batching import collate_rows, pack_pairs
-from dpo_jax.data.records import load_records
+from dpo_jax.data.records import DEFAULT_RESPONSE_MARKER, load_records
 from dpo_jax.data.tokenize import DataStats, TokenizedPair, tokenize_records
 
 # One background thread builds the next few batches. grain's default (16 threads, 500 elements
@@ -77,6 +77,7 @@ def tokenize_source(
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
+    response_marker: str = DEFAULT_RESPONSE_MARKER,
 ) -> tuple[list[TokenizedPair], DataStats]:
     """Reads, normalises and tokenises every record of `source` (see `records.load_records`).
 
@@ -91,6 +92,7 @@ def tokenize_source(
         max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
+        response_marker=response_marker,
     )
     if not pairs:
         raise ValueError(f"no preference pair survived tokenisation: {stats}")
@@ -174,6 +176,7 @@ def make_pair_iterator(
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
+    response_marker: str = DEFAULT_RESPONSE_MARKER,
     pairs_per_row: int = 1,
     seed: int = 0,
     shuffle: bool = True,
@@ -193,6 +196,9 @@ def make_pair_iterator(
       max_prompt_length: most prompt tokens (bos included), or None.
       truncation_mode: "keep_end" (TRL's default: keep the prompt's last tokens) or "keep_start".
       prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length.
+      response_marker: an implicit prompt ends right after the last such marker the two
+        responses share (HH-RLHF's "\\n\\nAssistant:"; "" for none), else before their last
+        shared whitespace (see `records.split_common_prefix`).
       pairs_per_row: S; 1 pads each pair to its own row, > 1 packs up to S pairs in a row.
       seed: the shuffle's (and packing order's) seed.
       shuffle: whether to shuffle rows (each epoch differently).
@@ -216,6 +222,7 @@ def make_pair_iterator(
         max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
+        response_marker=response_marker,
     )
     rows = make_rows(
         pairs, max_length=max_length, pairs_per_row=pairs_per_row, seed=seed, shuffle=shuffle
@@ -245,6 +252,7 @@ def make_eval_batches(
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
+    response_marker: str = DEFAULT_RESPONSE_MARKER,
     pairs_per_row: int = 1,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -268,6 +276,7 @@ def make_eval_batches(
         max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
+        response_marker=response_marker,
     )
     rows = make_rows(
         pairs, max_length=max_length, pairs_per_row=pairs_per_row, seed=0, shuffle=False

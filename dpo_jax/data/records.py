@@ -117,7 +117,7 @@ def load_records(source: Any) -> list[RawRecord]:
 
 
 def normalize_record(
-    raw: RawRecord, tokenizer: Any = None, *, response_marker: str | None = DEFAULT_RESPONSE_MARKER
+    raw: RawRecord, tokenizer: Any = None, *, response_marker: str = DEFAULT_RESPONSE_MARKER
 ) -> PreferenceText:
     """Turns a record of any of the three shapes into prompt/chosen/rejected text.
 
@@ -161,7 +161,7 @@ def normalize_record(
 
 
 def split_common_prefix(
-    chosen: str, rejected: str, *, response_marker: str | None = DEFAULT_RESPONSE_MARKER
+    chosen: str, rejected: str, *, response_marker: str = DEFAULT_RESPONSE_MARKER
 ) -> tuple[str, str, str]:
     """Splits two texts into (shared prompt, chosen response, rejected response).
 

@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax.data.records import PreferenceText, RawRecord, normalize_record
+from dpo_jax.data.records import (
+    DEFAULT_RESPONSE_MARKER,
+    PreferenceText,
+    RawRecord,
+    normalize_record,
+)
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 PROMPT_TOO_LONG_POLICIES = ("truncate", "drop")
@@ -178,7 +183,7 @@ def tokenize_records(
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
-    response_marker: str | None = None,
+    response_marker: str = DEFAULT_RESPONSE_MARKER,
 ) -> tuple[list[TokenizedPair], DataStats]:
     """Normalises and tokenises every record; returns the kept pairs and the counts.
 
@@ -190,17 +195,16 @@ def tokenize_records(
       truncation_mode: "keep_end" (keep the prompt's last tokens, as TRL) or "keep_start".
       prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length.
       response_marker: for implicit-prompt records, the marker after which the prompt ends
-        (None: `records.DEFAULT_RESPONSE_MARKER`).
+        ("" for none; see `records.split_common_prefix`).
 
     Raises:
       ValueError, TypeError: a malformed record or an invalid limit (see `normalize_record`).
     """
     check_limits(max_length, max_prompt_length, truncation_mode, prompt_too_long)
-    marker = {} if response_marker is None else {"response_marker": response_marker}
     stats = DataStats()
     pairs = []
     for raw in raw_records:
-        text = normalize_record(raw, tokenizer, **marker)
+        text = normalize_record(raw, tokenizer, response_marker=response_marker)
         pair = tokenize_pair(
             text,
             tokenizer,

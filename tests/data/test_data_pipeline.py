@@ -225,3 +225,18 @@ def test_no_surviving_pair_is_an_error_with_the_counts():
     records = [{"prompt": "a", "chosen": "b", "rejected": "b"}] * 2
     with pytest.raises(ValueError, match="no preference pair survived.*chosen_equals_rejected=2"):
         _first_batch(records, max_length=8)
+
+
+@pytest.mark.parametrize(
+    "marker, chosen_row",
+    [
+        ("Assistant:", [1, 12, 4, 13, 5, 6, 2]),  # prompt ends after the marker: "b c" scored
+        ("", [1, 12, 4, 13, 5, 6, 2]),  # no marker: prompt ends before the last shared space
+    ],
+)
+def test_response_marker_sets_where_an_implicit_prompt_ends(marker, chosen_row):
+    record = {"chosen": "Human: a Assistant: b c", "rejected": "Human: a Assistant: b d"}
+    batch, _ = _first_batch([record], max_length=7, response_marker=marker)
+    np.testing.assert_array_equal(batch["tokens"][0, 0], chosen_row)
+    prompt_length = 4 if marker else 5
+    np.testing.assert_array_equal(batch["response_mask"][0, 0], np.arange(7) >= prompt_length)
