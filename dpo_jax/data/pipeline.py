@@ -213,32 +213,21 @@ def make_pair_iterator(
     Raises:
       ValueError, TypeError: bad records or arguments (the message says which and where).
     """
-    process_index, process_count = _process(process_index, process_count)
-    check_batching(batch_size, pairs_per_row, num_epochs, process_index, process_count)
-    pairs, stats = tokenize_source(
+    batches, stats = _host_batches(
         source,
         tokenizer,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        truncation_mode=truncation_mode,
-        prompt_too_long=prompt_too_long,
-        response_marker=response_marker,
-    )
-    rows = make_rows(
-        pairs, max_length=max_length, pairs_per_row=pairs_per_row, seed=seed, shuffle=shuffle
-    )
-    stats.rows = len(rows)
-    batches = batches_from_rows(
-        rows,
         batch_size=batch_size,
-        max_length=max_length,
         pairs_per_row=pairs_per_row,
-        pad_id=tokenizer.pad_id,
         seed=seed,
         shuffle=shuffle,
         num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+        prompt_too_long=prompt_too_long,
+        response_marker=response_marker,
     )
     return iter(batches.to_iter_dataset(READ_OPTIONS)), stats
 
@@ -267,19 +256,45 @@ def make_eval_batches(
       (`len(batches)` batches, each built when it is read; rows past the end of the data have
       `pair_mask` False).
     """
-    process_index, process_count = _process(process_index, process_count)
-    check_batching(batch_size, pairs_per_row, 1, process_index, process_count)
-    pairs, stats = tokenize_source(
+    batches, stats = _host_batches(
         source,
         tokenizer,
+        batch_size=batch_size,
+        pairs_per_row=pairs_per_row,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        process_index=process_index,
+        process_count=process_count,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
         response_marker=response_marker,
     )
+    return _EvalBatches(batches), stats
+
+
+def _host_batches(
+    source: Any,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    pairs_per_row: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    process_index: int | None,
+    process_count: int | None,
+    max_length: int,
+    **tokenize_options: Any,
+) -> tuple[grain.MapDataset, DataStats]:
+    """Checks the arguments, tokenises every record, makes rows, then this host's batches."""
+    process_index, process_count = _process(process_index, process_count)
+    check_batching(batch_size, pairs_per_row, num_epochs, process_index, process_count)
+    pairs, stats = tokenize_source(source, tokenizer, max_length=max_length, **tokenize_options)
     rows = make_rows(
-        pairs, max_length=max_length, pairs_per_row=pairs_per_row, seed=0, shuffle=False
+        pairs, max_length=max_length, pairs_per_row=pairs_per_row, seed=seed, shuffle=shuffle
     )
     stats.rows = len(rows)
     batches = batches_from_rows(
@@ -288,13 +303,13 @@ def make_eval_batches(
         max_length=max_length,
         pairs_per_row=pairs_per_row,
         pad_id=tokenizer.pad_id,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
     )
-    return _EvalBatches(batches), stats
+    return batches, stats
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
