@@ -1,0 +1,430 @@
+"""Gemma 3 from a GGUF file (llama.cpp format): Hugging Face config, float32 weights, tokenizer."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers
+
+from dpo_jax.models import convert_hf
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
+
+__all__ = ["check_tokenizer_fits", "gguf_to_hf", "load_gguf", "sentencepiece_bpe"]
+
+SUPPORTED_ARCHITECTURES = ("gemma3",)
+SUPPORTED_TOKENIZERS = ("llama",)  # SentencePiece BPE: scores rank the pieces, no merges list
+
+# GGUF token types (llama.cpp's llama_token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# GGUF per-layer tensor name -> transformers' Gemma 3 name (after "model.layers.N.").
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+# Gemma 3 settings that llama.cpp hard-codes instead of storing them in the file (llama-model.cpp,
+# LLM_ARCH_GEMMA3): every 6th layer is global, local layers use RoPE base 10,000, and queries are
+# scaled by head_dim**-0.5 except in the 62-layer 27B model, where it is (hidden/heads)**-0.5.
+_GEMMA3_SLIDING_WINDOW_PATTERN = 6
+_GEMMA3_ROPE_LOCAL_BASE_FREQ = 10_000.0
+_GEMMA3_27B_BLOCK_COUNT = 62
+
+# Bounds on the metadata, so a corrupt header cannot make us plan absurd allocations.
+_MAX_DIM = 1 << 20
+_MAX_VOCAB = 1 << 22
+_MAX_LAYERS = 1024
+
+
+def load_gguf(path: str | os.PathLike, **config_overrides: Any):
+    """Loads a Gemma 3 GGUF file as our model.
+
+    Args:
+      path: the .gguf file.
+      **config_overrides: ModelConfig fields to set (e.g. dtype="bfloat16", remat=True).
+
+    Returns:
+      (config, params, tokenizer): a `ModelConfig`, the float32 params pytree for
+      `make_apply_fn(config)`, and the file's `Tokenizer`.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: an unsupported architecture or tokenizer, or a tensor or setting that does not
+        fit the model described by the metadata.
+    """
+    hf_config, tensors, tokenizer = gguf_to_hf(path)
+    config = ModelConfig.from_hf_config(hf_config, **config_overrides)
+    check_tokenizer_fits(tokenizer, config)
+    params = convert_hf.params_from_hf_tensors(config, tensors)
+    return config, params, tokenizer
+
+
+def gguf_to_hf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
+    """Reads a GGUF file into what a Hugging Face checkpoint holds.
+
+    Args:
+      path: the .gguf file.
+
+    Returns:
+      (hf_config, tensors, tokenizer): the config.json dict transformers would use
+      (`Gemma3ForCausalLM`), float32 numpy tensors keyed and shaped as in transformers' state dict
+      (e.g. `model.layers.0.self_attn.q_proj.weight`, [H * head_dim, D]), and the tokenizer.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: see `load_gguf`.
+    """
+    reader = _open(path)
+    metadata = _read_metadata(reader)
+    tokenizer = _tokenizer_from_reader(reader, metadata, path)
+    hf_config = _hf_config_from_metadata(metadata, tokenizer.vocab_size, reader, path)
+    tensors = _read_tensors(reader, hf_config, path)
+    return hf_config, tensors, tokenizer
+
+
+def _open(path: str | os.PathLike):
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError) as error:
+        raise ValueError(f"{path}: not a readable GGUF file ({error})") from error
+
+
+def _read_metadata(reader) -> dict[str, Any]:
+    """Scalar and string fields; the tokenizer's 262k-entry arrays are read apart."""
+    from gguf import GGUFValueType
+
+    metadata = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] == GGUFValueType.ARRAY:
+            continue
+        metadata[key] = field.contents()
+    return metadata
+
+
+def _array_field(reader, key: str, path: str) -> list:
+    field = reader.fields.get(key)
+    if field is None:
+        raise ValueError(f"{path}: GGUF metadata has no {key!r}")
+    return [field.parts[index] for index in field.data]
+
+
+def _hf_config_from_metadata(
+    metadata: dict[str, Any], vocab_size: int, reader, path: str
+) -> dict[str, Any]:
+    """transformers' Gemma3TextConfig as a dict, from the `gemma3.*` keys and llama.cpp's
+    hard-coded Gemma 3 settings."""
+    architecture = metadata.get("general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {architecture!r} is not supported "
+            f"(supported: {list(SUPPORTED_ARCHITECTURES)})"
+        )
+
+    def get(key: str, bound: int | None = None):
+        full_key = f"{architecture}.{key}"
+        if full_key not in metadata:
+            raise ValueError(f"{path}: GGUF metadata has no {full_key!r}")
+        value = metadata[full_key]
+        if bound is not None and not (isinstance(value, int) and 0 < value <= bound):
+            raise ValueError(f"{path}: {full_key}={value!r} must be an integer in [1, {bound}]")
+        return value
+
+    if not 0 < vocab_size <= _MAX_VOCAB:
+        raise ValueError(f"{path}: vocabulary size {vocab_size} must be in [1, {_MAX_VOCAB}]")
+    num_layers = get("block_count", _MAX_LAYERS)
+    hidden_size = get("embedding_length", _MAX_DIM)
+    num_heads = get("attention.head_count", _MAX_DIM)
+    head_dim = get("attention.key_length", _MAX_DIM)
+    if get("attention.value_length", _MAX_DIM) != head_dim:
+        raise ValueError(f"{path}: key_length and value_length differ; Gemma 3 needs them equal")
+    if f"{architecture}.rope.scaling.type" in metadata:
+        rope_scaling = _rope_scaling(metadata, architecture, path)
+    else:
+        rope_scaling = None
+    query_pre_attn_scalar = (
+        hidden_size // num_heads if num_layers == _GEMMA3_27B_BLOCK_COUNT else head_dim
+    )
+    layer_types = _layer_types(reader, architecture, num_layers, path)
+    tied = all(tensor.name != "output.weight" for tensor in reader.tensors)
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": get("feed_forward_length", _MAX_DIM),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": get("attention.head_count_kv", _MAX_DIM),
+        "head_dim": head_dim,
+        "max_position_embeddings": get("context_length", 1 << 30),
+        # GGUF stores float32: 1e-6 arrives as 9.99999997e-07; keep the value that was written.
+        "rms_norm_eps": _float32_value(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float32_value(get("rope.freq_base")),
+        "rope_local_base_freq": _float32_value(
+            metadata.get(f"{architecture}.rope.freq_base_swa", _GEMMA3_ROPE_LOCAL_BASE_FREQ)
+        ),
+        "rope_scaling": rope_scaling,
+        "sliding_window": get("attention.sliding_window", 1 << 30),
+        "layer_types": layer_types,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "attention_bias": False,
+        "tie_word_embeddings": tied,
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }
+
+
+def _layer_types(reader, architecture: str, num_layers: int, path: str) -> list[str]:
+    """Which layers use the sliding window: `attention.sliding_window_pattern` when the file has
+    it (an int n: every n-th layer is global; or one bool per layer, True = sliding), else
+    llama.cpp's Gemma 3 default of every 6th layer global."""
+    key = f"{architecture}.attention.sliding_window_pattern"
+    field = reader.fields.get(key)
+    pattern = _GEMMA3_SLIDING_WINDOW_PATTERN if field is None else field.contents()
+    if isinstance(pattern, list):
+        if len(pattern) != num_layers:
+            raise ValueError(f"{path}: {key} has {len(pattern)} entries for {num_layers} layers")
+        return ["sliding_attention" if is_sliding else "full_attention" for is_sliding in pattern]
+    if not (isinstance(pattern, int) and pattern > 0):
+        raise ValueError(f"{path}: {key}={pattern!r} must be a positive integer or a list of bools")
+    return [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+        for i in range(num_layers)
+    ]
+
+
+def _rope_scaling(metadata: dict[str, Any], architecture: str, path: str) -> dict[str, Any] | None:
+    """Gemma 3 4B and larger scale the global layers' RoPE linearly (factor 8)."""
+    rope_type = metadata[f"{architecture}.rope.scaling.type"]
+    if rope_type == "none":
+        return None
+    if rope_type != "linear":
+        raise ValueError(
+            f"{path}: {architecture}.rope.scaling.type={rope_type!r} is not supported "
+            "(supported: 'linear', 'none')"
+        )
+    factor = _float32_value(metadata[f"{architecture}.rope.scaling.factor"])
+    return {"rope_type": "linear", "factor": factor}
+
+
+def _float32_value(value: float) -> float:
+    """The shortest decimal that rounds to the same float32 (9.99999997e-07 -> 1e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _expected_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """transformers' Gemma 3 state-dict names and shapes ([out, in] for projections)."""
+    hidden = hf_config["hidden_size"]
+    head_dim = hf_config["head_dim"]
+    q_width = hf_config["num_attention_heads"] * head_dim
+    kv_width = hf_config["num_key_value_heads"] * head_dim
+    mlp = hf_config["intermediate_size"]
+    layer_shapes = {
+        "self_attn.q_proj": (q_width, hidden),
+        "self_attn.k_proj": (kv_width, hidden),
+        "self_attn.v_proj": (kv_width, hidden),
+        "self_attn.o_proj": (hidden, q_width),
+        "self_attn.q_norm": (head_dim,),
+        "self_attn.k_norm": (head_dim,),
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
+        "pre_feedforward_layernorm": (hidden,),
+        "post_feedforward_layernorm": (hidden,),
+        "mlp.gate_proj": (mlp, hidden),
+        "mlp.up_proj": (mlp, hidden),
+        "mlp.down_proj": (hidden, mlp),
+    }
+    shapes = {
+        "model.embed_tokens.weight": (hf_config["vocab_size"], hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not hf_config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (hf_config["vocab_size"], hidden)
+    for layer in range(hf_config["num_hidden_layers"]):
+        for name, shape in layer_shapes.items():
+            shapes[f"model.layers.{layer}.{name}.weight"] = shape
+    return shapes
+
+
+def _hf_name(gguf_name: str, path: str) -> str:
+    match = _LAYER_NAME.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_TENSORS:
+        return f"model.layers.{int(match.group(1))}.{_LAYER_TENSORS[match.group(2)]}.weight"
+    base = gguf_name.removesuffix(".weight")
+    if gguf_name.endswith(".weight") and base in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[base]}.weight"
+    raise ValueError(f"{path}: unexpected tensor {gguf_name!r} for a Gemma 3 model")
+
+
+def _read_tensors(reader, hf_config: dict[str, Any], path: str) -> dict[str, np.ndarray]:
+    """Dequantised float32 tensors under transformers' names, each shape checked first."""
+    from gguf.quants import dequantize
+
+    expected = _expected_shapes(hf_config)
+    tensors = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name, path)
+        # GGUF lists dimensions fastest-first; numpy/torch order is the reverse.
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if name not in expected:
+            raise ValueError(f"{path}: tensor {tensor.name!r} ({name}) is not in this model")
+        if shape != expected[name]:
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r} ({name}) has shape {shape}, "
+                f"but the metadata implies {expected[name]}"
+            )
+        if name in tensors:
+            raise ValueError(f"{path}: tensor {tensor.name!r} appears twice")
+        weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        weights = weights.reshape(shape)
+        if name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's RMSNorm scale as (1 + w); transformers' Gemma multiplies
+            # by (1 + w) itself, so it holds w (its GGUF loader subtracts 1 the same way).
+            weights = weights - np.float32(1.0)
+        tensors[name] = weights
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(
+            f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    return tensors
+
+
+def _tokenizer_from_reader(reader, metadata: dict[str, Any], path: str) -> Tokenizer:
+    model = metadata.get("tokenizer.ggml.model")
+    if model not in SUPPORTED_TOKENIZERS:
+        raise ValueError(
+            f"{path}: tokenizer.ggml.model={model!r} is not supported "
+            f"(supported: {list(SUPPORTED_TOKENIZERS)})"
+        )
+    tokens = [
+        bytes(part).decode("utf-8") for part in _array_field(reader, "tokenizer.ggml.tokens", path)
+    ]
+    scores = np.concatenate(_array_field(reader, "tokenizer.ggml.scores", path)).astype(np.float32)
+    types = np.concatenate(_array_field(reader, "tokenizer.ggml.token_type", path)).astype(np.int64)
+    if not len(tokens) == len(scores) == len(types):
+        raise ValueError(
+            f"{path}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types"
+        )
+    if not 0 < len(tokens) <= _MAX_VOCAB:
+        raise ValueError(f"{path}: vocabulary size {len(tokens)} must be in [1, {_MAX_VOCAB}]")
+
+    def special(key: str) -> str | None:
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is None:
+            return None
+        if not 0 <= token_id < len(tokens):
+            raise ValueError(f"{path}: tokenizer.ggml.{key}={token_id} is outside the vocabulary")
+        return tokens[token_id]
+
+    backend = sentencepiece_bpe(
+        tokens,
+        scores,
+        types,
+        unk_token=special("unknown_token_id"),
+        add_space_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", False)),
+    )
+    return Tokenizer(
+        backend,
+        bos_token=special("bos_token_id"),
+        eos_token=special("eos_token_id"),
+        pad_token=special("padding_token_id"),
+        unk_token=special("unknown_token_id"),
+        add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=metadata.get("tokenizer.chat_template"),
+    )
+
+
+def sentencepiece_bpe(
+    tokens: list[str],
+    scores: np.ndarray,
+    token_types: np.ndarray,
+    *,
+    unk_token: str | None,
+    add_space_prefix: bool = False,
+) -> tokenizers.Tokenizer:
+    """A `tokenizers` BPE that encodes as SentencePiece's BPE does, from a piece list alone.
+
+    SentencePiece BPE repeatedly merges the adjacent pair whose concatenation is the
+    highest-scoring normal piece; GGUF keeps the pieces and scores but no merges list. So every
+    split of a normal piece into two normal pieces becomes a merge, ranked by the merged piece's
+    score (then by id). Spaces become "▁" (no pre-tokenizer: pieces may span words), characters
+    outside the vocabulary fall back to <0xNN> byte pieces, control pieces (<bos>, <start_of_turn>)
+    are special added tokens and user-defined pieces ("\\n\\n", "<b>") are added tokens matched
+    whole, as SentencePiece matches them before merging.
+
+    Args:
+      tokens: [V] piece strings; the id of a piece is its index.
+      scores: [V] float32, higher merges first.
+      token_types: [V] int, GGUF token types (1 normal, 3 control, 4 user-defined, 6 byte).
+      unk_token: the unknown piece, or None.
+      add_space_prefix: prepend "▁" to the text (Llama 2 style); Gemma 3 does not.
+
+    Returns:
+      The `tokenizers.Tokenizer`.
+    """
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(f"the vocabulary has {len(tokens) - len(vocab)} duplicate pieces")
+    normal = {token: index for token, index in vocab.items() if token_types[index] == _NORMAL}
+    ranked = []
+    for token, index in normal.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in normal and right in normal:
+                ranked.append((-float(scores[index]), index, normal[left], left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab, merges, unk_token=unk_token, byte_fallback=True, fuse_unk=True)
+    )
+    replace = normalizers.Replace(" ", "▁")
+    backend.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("▁"), replace]) if add_space_prefix else replace
+    )
+    decode_steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        decode_steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(decode_steps)
+    # Added tokens are matched in the raw text, before spaces become "▁": user-defined pieces of
+    # spaces ("  ") then match runs of spaces, as SentencePiece matches them.
+    backend.add_tokens(
+        [
+            AddedToken(tokens[index], special=token_types[index] == _CONTROL, normalized=False)
+            for index in range(len(tokens))
+            if token_types[index] in (_CONTROL, _USER_DEFINED)
+        ]
+    )
+    return backend
