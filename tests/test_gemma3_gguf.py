@@ -285,3 +285,201 @@ def test_greedy_decoding_matches_transformers(converted, jax_model, torch_model)
     theirs = _greedy(torch_next, prompt, GREEDY_STEPS)
     assert ours == theirs
     assert tokenizer.decode(ours) == CONTINUATION
+
+
+# ---- A tiny Gemma 3 GGUF written here (fast): conversion end to end, and bad input ----
+
+# head_dim 256 as in Gemma 3 270M-12B: transformers' GGUF reader leaves query_pre_attn_scalar at
+# its default of 256, while llama.cpp (and we) scale queries by head_dim ** -0.5.
+_TINY = dict(layers=6, hidden=64, heads=2, kv_heads=1, head_dim=256, mlp=128, window=4)
+_TINY_PIECES = ["▁", "a", "b", "c", "d", "ab", "cd", "▁ab", "abcd", "▁abcd", "ba", "dc", "▁c"]
+
+
+def _tiny_vocab():
+    """Control pieces, a user-defined newline, the 256 byte pieces, then normal pieces ranked by
+    score (0, -1, -2, ...), laid out as in Gemma's file."""
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\n"]
+    types = [3, 3, 3, 3, 3, 4]
+    pieces += [f"<0x{byte:02X}>" for byte in range(256)]
+    types += [6] * 256
+    scores = [-1000.0] * 6 + [0.0] * 256 + [-float(rank) for rank in range(len(_TINY_PIECES))]
+    return pieces + _TINY_PIECES, scores, types + [1] * len(_TINY_PIECES)
+
+
+def _tiny_tensors(vocab_size, rng):
+    """GGUF-named float32 tensors in numpy (= transformers) layout; norms stored as 1 + w."""
+    d, h, k, hd, f = (_TINY[key] for key in ("hidden", "heads", "kv_heads", "head_dim", "mlp"))
+    shapes = {
+        "attn_q": (h * hd, d), "attn_k": (k * hd, d), "attn_v": (k * hd, d),
+        "attn_output": (d, h * hd), "attn_q_norm": (hd,), "attn_k_norm": (hd,),
+        "attn_norm": (d,), "post_attention_norm": (d,), "ffn_norm": (d,), "post_ffw_norm": (d,),
+        "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
+    }  # fmt: skip
+    tensors = {"token_embd.weight": rng.normal(0, 1, (vocab_size, d))}
+    tensors["output_norm.weight"] = 1 + rng.normal(0, 0.1, (d,))
+    for layer in range(_TINY["layers"]):
+        for name, shape in shapes.items():
+            scale = 0.1 if name.endswith("norm") else shape[-1] ** -0.5
+            value = rng.normal(0, scale, shape)
+            tensors[f"blk.{layer}.{name}.weight"] = 1 + value if name.endswith("norm") else value
+    return {name: value.astype(np.float32) for name, value in tensors.items()}
+
+
+def _write_tiny_gguf(path, *, architecture="gemma3", metadata=None, tensors=None, skip=()):
+    """Writes a tiny Gemma 3 GGUF; `metadata` overrides keys, `tensors` overrides/adds tensors,
+    `skip` leaves tensors out. The embedding is stored as Q8_0, the rest as F32."""
+    import gguf
+
+    pieces, scores, types = _tiny_vocab()
+    values = {
+        "context_length": 128, "block_count": _TINY["layers"],
+        "embedding_length": _TINY["hidden"], "feed_forward_length": _TINY["mlp"],
+        "attention.head_count": _TINY["heads"], "attention.head_count_kv": _TINY["kv_heads"],
+        "attention.key_length": _TINY["head_dim"], "attention.value_length": _TINY["head_dim"],
+        "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 1e6,
+        "attention.sliding_window": _TINY["window"],
+    }  # fmt: skip
+    values.update(metadata or {})
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for key, value in values.items():
+        if isinstance(value, float):
+            writer.add_float32(f"{architecture}.{key}", value)
+        else:
+            writer.add_uint32(f"{architecture}.{key}", value)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(False)
+    all_tensors = {**_tiny_tensors(len(pieces), np.random.default_rng(0)), **(tensors or {})}
+    for name, value in all_tensors.items():
+        if name in skip:
+            continue
+        if name == "token_embd.weight" and value.shape[-1] % 32 == 0:
+            quantized = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _rewrite_tensor_dims(path, name, dims):
+    """Overwrites the dimensions in one tensor's header entry (same rank, so offsets stay)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    (field,) = [tensor.field for tensor in reader.tensors if tensor.name == name]
+    dims_part = field.parts[3]  # name length, name, rank, dims, type, offset
+    start = int(dims_part.ctypes.data - reader.data.ctypes.data)
+    del reader
+    with open(path, "r+b") as file:
+        file.seek(start)
+        file.write(np.asarray(dims, np.uint64).tobytes())
+
+
+def test_tiny_gguf_matches_transformers(tmp_path):
+    path = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    config, params, tokenizer = convert_gguf.load_gguf(path)
+    assert (config.family, config.num_layers, config.sliding_window) == ("gemma3_text", 6, 4)
+    assert config.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert config.tie_word_embeddings and config.vocab_size == len(_tiny_vocab()[0])
+    # Merges from ranks: '▁abcd' (rank 9) forms via '▁ab' + 'cd'; 'e' is not a piece: byte 0x65.
+    assert tokenizer.backend.encode(" abcd\nbadce", add_special_tokens=False).tokens == [
+        "▁abcd", "\n", "ba", "dc", "<0x65>",
+    ]  # fmt: skip
+
+    with torch.device("meta"):
+        skeleton = transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(num_hidden_layers=_TINY["layers"])
+        )
+    checkpoint = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    torch_config = transformers.Gemma3TextConfig(**checkpoint["config"])
+    torch_config._attn_implementation = "eager"
+    model = transformers.Gemma3ForCausalLM(torch_config).eval()
+    model.load_state_dict(checkpoint["tensors"], strict=False)
+    model.tie_weights()
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, config.vocab_size, (2, 11)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    mask[1, 7:] = False  # a padded row; 11 > window 4, so the window matters
+    positions = np.broadcast_to(np.arange(11, dtype=np.int32), ids.shape)
+    ours = np.asarray(model_logits(config, params, ids, positions, mask.astype(np.int32)))
+    with torch.no_grad():
+        theirs = model(
+            input_ids=torch.from_numpy(ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+        ).logits.numpy()
+    # The issue's bound for tiny float32 models: max abs logits difference <= 1e-4.
+    assert np.abs(ours - theirs)[mask].max() <= 1e-4
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+        convert_gguf.load_gguf(tmp_path / "nowhere.gguf")
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ValueError, match="junk.gguf: not a readable GGUF file"):
+        convert_gguf.gguf_to_hf(path)
+
+
+def test_unsupported_architecture(tmp_path):
+    path = _write_tiny_gguf(tmp_path / "llama.gguf", architecture="llama")
+    with pytest.raises(ValueError, match=r"architecture 'llama' is not supported .*\['gemma3'\]"):
+        convert_gguf.gguf_to_hf(path)
+
+
+def test_tensor_shape_must_fit(tmp_path):
+    wrong = np.zeros((_TINY["mlp"] + 1, _TINY["hidden"]), np.float32)
+    path = _write_tiny_gguf(tmp_path / "bad.gguf", tensors={"blk.3.ffn_up.weight": wrong})
+    with pytest.raises(
+        ValueError,
+        match=r"'blk.3.ffn_up.weight' \(model.layers.3.mlp.up_proj.weight\) has shape "
+        r"\(129, 64\), but the metadata implies \(128, 64\)",
+    ):
+        convert_gguf.gguf_to_hf(path)
+
+
+def test_absurd_metadata_is_refused_before_allocating(tmp_path):
+    # Metadata claiming a 4M-wide model is refused before any tensor is read.
+    path = _write_tiny_gguf(tmp_path / "huge.gguf", metadata={"embedding_length": 4_000_000})
+    with pytest.raises(ValueError, match=r"embedding_length=4000000 must be an integer in"):
+        convert_gguf.gguf_to_hf(path)
+    # A tensor header claiming 10^12 elements that the file does not hold: refused, not read.
+    path = _write_tiny_gguf(tmp_path / "claims.gguf")
+    _rewrite_tensor_dims(path, "output_norm.weight", (10**12,))
+    with pytest.raises(ValueError, match="claims.gguf: not a readable GGUF file"):
+        convert_gguf.gguf_to_hf(path)
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    path = _write_tiny_gguf(tmp_path / "missing.gguf", skip=("blk.2.attn_k_norm.weight",))
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.2.self_attn.k_norm"):
+        convert_gguf.gguf_to_hf(path)
+    extra = {"blk.0.attn_qkv.weight": np.zeros((4, 4), np.float32)}
+    path = _write_tiny_gguf(tmp_path / "extra.gguf", tensors=extra)
+    with pytest.raises(ValueError, match="unexpected tensor 'blk.0.attn_qkv.weight'"):
+        convert_gguf.gguf_to_hf(path)
+
+
+def test_untied_output_layer(tmp_path):
+    vocab_size = len(_tiny_vocab()[0])
+    output = np.random.default_rng(2).normal(0, 1, (vocab_size, _TINY["hidden"]))
+    path = _write_tiny_gguf(
+        tmp_path / "untied.gguf", tensors={"output.weight": output.astype(np.float32)}
+    )
+    hf_config, tensors, _ = convert_gguf.gguf_to_hf(path)
+    assert hf_config["tie_word_embeddings"] is False
+    np.testing.assert_array_equal(tensors["lm_head.weight"], output.astype(np.float32))
