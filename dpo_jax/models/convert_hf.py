@@ -60,77 +60,71 @@ def _reshaped(shape: tuple[int, ...]):
 
 def _specs(config: ModelConfig) -> Iterator[_Spec]:
     """Every tensor of a transformers checkpoint of this config, with transformers' names."""
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    d, v = config.hidden_size, config.vocab_size
     yield _Spec("model.embed_tokens.weight", (v, d), ("embedding",), _identity, _identity)
     yield _Spec("model.norm.weight", (d,), ("final_norm", "scale"), _identity, _identity)
     if not config.tie_word_embeddings:
         yield _Spec("lm_head.weight", (v, d), ("lm_head",), np.transpose, np.transpose)
-    gemma = config.post_norms
-    norms = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "post_attn_norm" if gemma else "mlp_norm",
-    }
-    if gemma:
-        norms.update(
-            pre_feedforward_layernorm="mlp_norm", post_feedforward_layernorm="post_mlp_norm"
-        )
     for i in range(config.num_layers):
-        prefix = f"model.layers.{i}."
-        layer = ("layers", i)
-        for hf_norm, norm in norms.items():
-            yield _Spec(
-                f"{prefix}{hf_norm}.weight", (d,), (*layer, norm, "scale"), _identity, _identity
-            )
-        attn = f"{prefix}self_attn."
-        for name, heads in (("q", h), ("k", k), ("v", k)):
-            yield _Spec(
-                f"{attn}{name}_proj.weight",
-                (heads * dh, d),
-                (*layer, "attn", f"{name}_kernel"),
-                *_linear((heads, dh)),
-            )
-            if config.qkv_bias:
-                yield _Spec(
-                    f"{attn}{name}_proj.bias",
-                    (heads * dh,),
-                    (*layer, "attn", f"{name}_bias"),
-                    *_reshaped((heads, dh)),
-                )
-        yield _Spec(
-            f"{attn}o_proj.weight",
-            (d, h * dh),
-            (*layer, "attn", "o_kernel"),
-            *_linear_from_heads((h, dh)),
+        yield from _norm_specs(config, i)
+        yield from _attention_specs(config, i)
+        yield from _mlp_specs(config, i)
+
+
+def _norm_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
+    # transformers' Llama calls the pre-MLP norm post_attention_layernorm; Gemma 3 has four norms.
+    norms = {"input_layernorm": "attn_norm"}
+    if config.post_norms:
+        norms.update(
+            post_attention_layernorm="post_attn_norm",
+            pre_feedforward_layernorm="mlp_norm",
+            post_feedforward_layernorm="post_mlp_norm",
         )
-        if config.o_bias:
-            yield _Spec(
-                f"{attn}o_proj.bias", (d,), (*layer, "attn", "o_bias"), _identity, _identity
-            )
-        if config.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                yield _Spec(
-                    f"{attn}{name}.weight",
-                    (dh,),
-                    (*layer, "attn", name, "scale"),
-                    _identity,
-                    _identity,
-                )
-        mlp = f"{prefix}mlp."
-        for name in ("gate", "up"):
-            yield _Spec(
-                f"{mlp}{name}_proj.weight",
-                (f, d),
-                (*layer, "mlp", f"{name}_kernel"),
-                np.transpose,
-                np.transpose,
-            )
+    else:
+        norms["post_attention_layernorm"] = "mlp_norm"
+    for hf_norm, norm in norms.items():
         yield _Spec(
-            f"{mlp}down_proj.weight",
-            (d, f),
-            (*layer, "mlp", "down_kernel"),
-            np.transpose,
-            np.transpose,
+            f"model.layers.{i}.{hf_norm}.weight",
+            (config.hidden_size,),
+            ("layers", i, norm, "scale"),
+            _identity,
+            _identity,
+        )
+
+
+def _attention_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
+    d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    attn, path = f"model.layers.{i}.self_attn.", ("layers", i, "attn")
+    for name, heads in (("q", h), ("k", k), ("v", k)):
+        yield _Spec(
+            f"{attn}{name}_proj.weight",
+            (heads * dh, d),
+            (*path, f"{name}_kernel"),
+            *_linear((heads, dh)),
+        )
+        if config.qkv_bias:
+            yield _Spec(
+                f"{attn}{name}_proj.bias",
+                (heads * dh,),
+                (*path, f"{name}_bias"),
+                *_reshaped((heads, dh)),
+            )
+    yield _Spec(
+        f"{attn}o_proj.weight", (d, h * dh), (*path, "o_kernel"), *_linear_from_heads((h, dh))
+    )
+    if config.o_bias:
+        yield _Spec(f"{attn}o_proj.bias", (d,), (*path, "o_bias"), _identity, _identity)
+    if config.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            yield _Spec(f"{attn}{name}.weight", (dh,), (*path, name, "scale"), _identity, _identity)
+
+
+def _mlp_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
+    d, f = config.hidden_size, config.intermediate_size
+    mlp, path = f"model.layers.{i}.mlp.", ("layers", i, "mlp")
+    for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+        yield _Spec(
+            f"{mlp}{name}_proj.weight", shape, (*path, f"{name}_kernel"), np.transpose, np.transpose
         )
 
 
