@@ -1,0 +1,179 @@
+"""The main job: a small Llama trained from scratch by SFT, then DPO, on the synthetic task.
+
+Needs no download and runs on a 2-core CPU in a few minutes. The synthetic task
+(`dpo_jax.data.synthetic`): sort, reverse or copy 3-7 digits; the chosen answer is right, the
+rejected one has one or two wrong digits. The SFT stage (NLL on the chosen responses) builds
+π_ref, as the DPO paper does when no SFT model exists; the DPO stage then trains the policy
+against it; a table compares held-out metrics before and after DPO.
+
+Run (from the repository root):
+
+    python scripts/train.py                                  # this config, ./runs/default
+    python scripts/train.py --config=configs/default.py --workdir=/tmp/dpo_run
+    python scripts/train.py --config=configs/default.py:tiny --workdir=/tmp/dpo_tiny
+    python scripts/train.py --config.dpo.beta=0.3 --config.dpo.num_steps=200
+    python scripts/train.py --config=configs/default.py:dpo_paper   # RMSprop, lr 1e-6, ...
+
+Variants (`configs/default.py:<variant>`):
+  tiny       seconds: a 1-layer model, a handful of steps (the smoke test).
+  dpo_paper  the DPO paper's optimisation: RMSprop, lr 1e-6, 150 warmup steps, β 0.1, batch 64.
+  precomputed_ref  reference log-probs computed in one pass before DPO, carried in the batch.
+  tr_dpo     TR-DPO: the reference is pulled towards the policy every 16 steps (α = 0.6).
+  packed     two pairs packed into each row (segment ids).
+"""
+
+import ml_collections
+
+VARIANTS = ("", "tiny", "dpo_paper", "precomputed_ref", "tr_dpo", "packed")
+
+# Logical axis -> mesh axes. One entry per logical name the models use; a param with a name not
+# listed here is an error. The batch is always split over ("data", "fsdp") on its first axis.
+DEFAULT_RULES = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The default config, or one of VARIANTS (`arg`), locked against new keys.
+
+    Raises:
+      ValueError: an unknown variant.
+    """
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # PRNG seed of model init and of the training run's key (int)
+
+    # Model
+    config.model = ml_collections.ConfigDict()
+    config.model.source = "random"  # "random" (init from the fields below), "hf", "gguf"
+    config.model.hf_path = ""  # source="hf": a directory with config.json + *.safetensors
+    config.model.gguf_path = ""  # source="gguf": a .gguf file ("" = the packaged Gemma 3 270M)
+    config.model.family = "llama"  # source="random": llama, mistral, qwen2, qwen3, gemma3_text
+    config.model.vocab_size = 0  # embedding rows; 0 = the tokenizer's vocabulary size
+    config.model.hidden_size = 96  # D, width of the residual stream
+    config.model.intermediate_size = 256  # F, width of the gated MLP
+    config.model.num_layers = 2  # decoder blocks
+    config.model.num_heads = 4  # query heads
+    config.model.num_kv_heads = 2  # key/value heads (num_heads % num_kv_heads == 0)
+    config.model.head_dim = 24  # width of one attention head
+    config.model.rope_theta = 10_000.0  # RoPE base
+    config.model.tie_word_embeddings = False  # unembedding = embedding transposed
+    config.model.dtype = "float32"  # compute dtype: float32, bfloat16
+    config.model.param_dtype = "float32"  # storage dtype of params: float32, bfloat16
+    config.model.remat = False  # recompute each layer's activations in the backward pass
+    config.model.attention_impl = "xla"  # "xla" or "cudnn" (NVIDIA GPUs only)
+    config.model.logits_chunk_size = 0  # token rows per log-prob chunk; 0 = full [N, T, V] logits
+
+    # Data
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "synthetic"  # "synthetic", or a .jsonl / .parquet path of records
+    config.data.eval_source = ""  # held-out records path; "" = synthetic eval split / none
+    config.data.tokenizer = "synthetic"  # "synthetic" (word level), "model" (of hf_path), a dir
+    config.data.num_train_pairs = 4096  # synthetic: pairs generated for training
+    config.data.num_eval_pairs = 256  # synthetic: held-out pairs (prompts never in training)
+    config.data.max_length = 18  # T, tokens per row (prompt + response); longer rows are cut
+    config.data.max_prompt_length = 10  # most prompt tokens (bos included); 0 = no limit
+    config.data.truncation_mode = "keep_end"  # long prompts keep their "keep_end" / "keep_start"
+    config.data.prompt_too_long = "truncate"  # a prompt over the limit: "truncate" or "drop"
+    config.data.batch_size = 32  # B, rows per optimizer step (global, all hosts); % (data·fsdp)
+    config.data.eval_batch_size = 64  # rows per eval batch; % (data·fsdp)
+    config.data.pairs_per_row = 1  # S, pairs packed into one row (1 = no packing)
+    config.data.shuffle_seed = 0  # seed of the data order (epochs reshuffle)
+
+    # DPO (and the SFT stage that builds the reference model first)
+    config.sft = ml_collections.ConfigDict()
+    config.sft.num_steps = 400  # SFT optimizer steps before DPO; 0 = start DPO from the model
+    config.sft.learning_rate = 3e-3  # peak learning rate of the SFT stage
+    config.sft.warmup_steps = 20  # linear warmup steps of the SFT stage
+    config.dpo = ml_collections.ConfigDict()
+    config.dpo.num_steps = 200  # DPO optimizer steps
+    config.dpo.loss_type = "sigmoid"  # a name in dpo_jax.losses.LOSS_VARIANTS, or "a,b" (sum)
+    config.dpo.loss_weights = ""  # "w1,w2" for a list of losses; "" = all 1
+    config.dpo.beta = 0.1  # β > 0, the KL-penalty strength
+    config.dpo.label_smoothing = 0.0  # ε, assumed label-flip rate (cDPO, robust, ...)
+    config.dpo.reference = "in_step"  # "in_step" (ref forward in the step) or "precomputed"
+    config.dpo.ref_sync_every = 0  # TR-DPO: ref <- α·policy + (1−α)·ref every N steps; 0 = off
+    config.dpo.ref_sync_alpha = 0.6  # TR-DPO α in [0, 1]
+
+    # Optimizer (of the DPO stage; the SFT stage shares it but for its rate and warmup)
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adamw"  # "adamw" or "rmsprop"
+    config.optimizer.learning_rate = 1e-4  # peak learning rate of the DPO stage
+    config.optimizer.warmup_steps = 10  # linear warmup from 0, in optimizer steps
+    config.optimizer.decay = "cosine"  # after warmup: "constant", "cosine", "linear"
+    config.optimizer.final_fraction = 0.1  # end rate / peak rate for cosine and linear, [0, 1]
+    config.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay (0 for rmsprop)
+    config.optimizer.b1 = 0.9  # AdamW first-moment decay
+    config.optimizer.b2 = 0.999  # AdamW second-moment decay
+    config.optimizer.eps = 1e-8  # AdamW / RMSprop epsilon
+    config.optimizer.rmsprop_decay = 0.9  # RMSprop squared-gradient decay
+    config.optimizer.max_grad_norm = 1.0  # clip the global gradient norm; 0 = no clipping
+    config.optimizer.grad_accum_steps = 1  # micro-batches per step (B % (steps·data·fsdp) == 0)
+
+    # Mesh
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # data-parallel axis size; -1 = all remaining devices
+    config.mesh.fsdp = 1  # params sharded along "embed" and batch split over it; -1 = the rest
+    config.mesh.tensor = 1  # tensor-parallel axis size (heads, MLP, vocabulary); -1 = the rest
+    config.mesh.num_devices = -1  # use the first N devices; -1 = all
+    config.mesh.rules = DEFAULT_RULES  # (logical axis, mesh axis or None) pairs
+
+    # Checkpointing
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 100  # save every N optimizer steps (and at a stage's end)
+    config.checkpoint.keep = 2  # keep the last N checkpoints of each stage
+    config.checkpoint.export_hf = True  # write the final policy to <workdir>/hf (safetensors)
+
+    # Logging
+    config.log = ml_collections.ConfigDict()
+    config.log.every_steps = 20  # fetch and write train metrics every N steps
+    config.log.eval_every_steps = 100  # evaluate on held-out pairs every N steps; 0 = at the end
+    config.log.num_eval_batches = 0  # eval batches per evaluation; 0 = the whole eval set
+    config.log.progress_bar = True  # tqdm bar with loss, reward accuracy, tokens/s
+    config.log.tensorboard = True  # TensorBoard event files in <workdir>/<stage>/tb
+
+    _apply_variant(config, arg or "")
+    config.lock()
+    return config
+
+
+def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of configs/default.py; known: {VARIANTS}")
+    if variant == "tiny":
+        config.model.hidden_size = 32
+        config.model.intermediate_size = 64
+        config.model.num_layers = 1
+        config.model.head_dim = 8
+        config.data.num_train_pairs = 64
+        config.data.num_eval_pairs = 16
+        config.data.batch_size = 8
+        config.data.eval_batch_size = 16
+        config.sft.num_steps = 2
+        config.dpo.num_steps = 2
+        config.checkpoint.every_steps = 2
+        config.log.every_steps = 1
+        config.log.eval_every_steps = 0
+        config.log.progress_bar = False
+    elif variant == "dpo_paper":
+        config.data.batch_size = 64
+        config.optimizer.name = "rmsprop"
+        config.optimizer.learning_rate = 1e-6
+        config.optimizer.warmup_steps = 150
+        config.optimizer.decay = "constant"
+        config.dpo.beta = 0.1
+        config.dpo.num_steps = 400
+    elif variant == "precomputed_ref":
+        config.dpo.reference = "precomputed"
+    elif variant == "tr_dpo":
+        config.dpo.ref_sync_every = 16
+        config.dpo.ref_sync_alpha = 0.6
+    elif variant == "packed":
+        config.data.pairs_per_row = 2
+        config.data.max_length = 36
+        config.data.batch_size = 16

@@ -1,0 +1,131 @@
+"""The mesh from config sizes, logical-axis rules to NamedShardings, and batch placement."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec
+
+from dpo_jax import sharding
+
+RULES = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+@pytest.mark.parametrize(
+    "sizes, devices, expected",
+    [
+        ((-1, 1, 1), 8, (8, 1, 1)),
+        ((2, -1, 1), 8, (2, 4, 1)),
+        ((1, 2, -1), 8, (1, 2, 4)),
+        ((2, 2, 2), 8, (2, 2, 2)),
+        ((1, 1, 1), 1, (1, 1, 1)),
+    ],
+)
+def test_resolve_mesh_shape(sizes, devices, expected):
+    assert sharding.resolve_mesh_shape(*sizes, devices) == expected
+
+
+@pytest.mark.parametrize(
+    "sizes, devices, message",
+    [
+        ((-1, -1, 1), 8, "at most one axis may be -1"),
+        ((0, 1, 1), 8, "must be >= 1 or -1"),
+        ((3, -1, 1), 8, "not divisible by the fixed axes' product 3"),
+        ((2, 2, 1), 8, "needs 4 devices but 8 are used"),
+    ],
+)
+def test_resolve_mesh_shape_errors(sizes, devices, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.resolve_mesh_shape(*sizes, devices)
+
+
+def test_mesh_axes_are_auto_and_named():
+    mesh = sharding.make_mesh(2, 4, 1)
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert sharding.make_mesh(1, 1, 1, num_devices=1).devices.size == 1
+    with pytest.raises(ValueError, match="num_devices=9"):
+        sharding.make_mesh(-1, 1, 1, num_devices=9)
+
+
+def test_logical_to_sharding_follows_the_rules():
+    mesh = sharding.make_mesh(1, 2, 4)
+    params = {
+        "embedding": jnp.zeros((16, 8)),  # vocab, embed
+        "layer": {"q_kernel": jnp.zeros((8, 4, 2)), "scale": jnp.zeros((8,))},
+    }
+    axes = {
+        "embedding": ("vocab", "embed"),
+        "layer": {"q_kernel": ("embed", "heads", "head_dim"), "scale": ("norm",)},
+    }
+    shardings = sharding.logical_to_sharding(axes, params, mesh, RULES)
+    assert shardings["embedding"].spec == PartitionSpec("tensor", "fsdp")
+    assert shardings["layer"]["q_kernel"].spec == PartitionSpec("fsdp", "tensor", None)
+    assert shardings["layer"]["scale"].spec == PartitionSpec(None)
+    placed = jax.device_put(params, shardings)
+    # Each device holds a 16/4 x 8/2 block of the embedding.
+    assert placed["embedding"].addressable_shards[0].data.shape == (4, 4)
+
+
+def test_a_mesh_axis_shards_only_one_dimension():
+    mesh = sharding.make_mesh(1, 1, 8)
+    spec = sharding.logical_to_spec(("heads", "kv_heads"), (8, 8), mesh, RULES, "p")
+    assert spec == PartitionSpec("tensor", None)
+
+
+def test_param_without_a_rule_is_an_error_naming_it():
+    mesh = sharding.make_mesh(1, 8, 1)
+    params = {"block": {"experts": jnp.zeros((4, 8))}}
+    axes = {"block": {"experts": ("expert", "embed")}}
+    with pytest.raises(
+        ValueError, match=r"param \['block'\]\['experts'\] with shape \(4, 8\).*'expert'"
+    ):
+        sharding.logical_to_sharding(axes, params, mesh, RULES)
+
+
+def test_indivisible_dimension_is_an_error_naming_the_param():
+    mesh = sharding.make_mesh(1, 1, 8)
+    params = {"embedding": jnp.zeros((18, 8))}
+    axes = {"embedding": ("vocab", "embed")}
+    with pytest.raises(
+        ValueError,
+        match=r"param \['embedding'\] with shape \(18, 8\).*'vocab' of size 18 is not divisible "
+        r"by mesh axes \('tensor',\) of total size 8",
+    ):
+        sharding.logical_to_sharding(axes, params, mesh, RULES)
+
+
+def test_rank_mismatch_is_an_error():
+    mesh = sharding.make_mesh(8, 1, 1)
+    with pytest.raises(ValueError, match="2 logical axes for 1 dimensions"):
+        sharding.logical_to_spec(("vocab", "embed"), (8,), mesh, RULES, "w")
+
+
+def test_batch_is_split_over_data_and_fsdp_and_pairs_stay_together():
+    mesh = sharding.make_mesh(2, 4, 1)
+    batch_size, length = 16, 5
+    tokens = np.arange(batch_size * 2 * length, dtype=np.int32).reshape(batch_size, 2, length)
+    batch = {"tokens": tokens, "pair_mask": np.ones((batch_size, 1), bool)}
+    placed = sharding.put_batch(batch, mesh)
+    assert placed["tokens"].sharding.spec == PartitionSpec(("data", "fsdp"), None, None)
+    for shard in placed["tokens"].addressable_shards:
+        # 2 whole rows per device, both sides of each pair and all their tokens.
+        assert shard.data.shape == (2, 2, length)
+        rows = shard.index[0]
+        np.testing.assert_array_equal(np.asarray(shard.data), tokens[rows])
+    np.testing.assert_array_equal(np.asarray(placed["tokens"]), tokens)
+
+
+def test_batch_size_must_divide_over_the_batch_shards():
+    mesh = sharding.make_mesh(2, 4, 1)
+    with pytest.raises(ValueError, match=r"batch_size=12 must be divisible .* 2 × 4 = 8"):
+        sharding.put_batch({"tokens": np.zeros((12, 2, 3), np.int32)}, mesh)
