@@ -1,0 +1,292 @@
+"""Running one training stage: state placement and init, the compiled step, the loop, eval, logs.
+
+The loop dispatches step t, then fetches the metrics of step t − 1 (only at log steps), so the
+host never waits on the device except at a log step, and then only for work already queued.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpo_jax import checkpoint, sharding
+from dpo_jax import step as step_lib
+from dpo_jax.metrics_log import MetricsWriter, ProgressBar
+
+
+@dataclasses.dataclass
+class Stage:
+    """One training stage (SFT or DPO): what update_fn needs besides the state and batches.
+
+    Attributes:
+      name: "sft" or "dpo"; also the stage's directory under the workdir.
+      num_steps: optimizer steps.
+      options: the step's static loss options.
+      tx, schedule: the optimizer and its learning-rate schedule.
+      ref_params: the frozen reference given to update_fn, or None (SFT, precomputed ref_logps,
+        or TR-DPO, whose moving reference lives in the state).
+      eval_ref_params: the reference for evaluation, or None (SFT, or batches carry ref_logps).
+      sync_reference: TR-DPO: start the state's own reference as a copy of the initial params.
+      train_batches: iterator of host batches with get_state/set_state.
+      eval_batches: list of host batches (possibly empty).
+    """
+
+    name: str
+    num_steps: int
+    options: step_lib.LossOptions
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    ref_params: Any
+    eval_ref_params: Any
+    sync_reference: bool
+    train_batches: Any
+    eval_batches: list
+    eval_step: Any = None  # the compiled eval_fn, made on first use and kept
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every stage shares: placement, the model, and where and how often to write."""
+
+    mesh: Any
+    apply_fn: Any
+    param_shardings: Any
+    workdir: str
+    seed: int
+    checkpoint_every: int
+    checkpoint_keep: int
+    log_every: int
+    eval_every: int
+    num_eval_batches: int
+    progress_bar: bool
+    tensorboard: bool
+
+
+def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage):
+    """The step-0 TrainState of a stage that starts from `params` (a pure function to jit)."""
+    bco = jnp.zeros((), jnp.float32) if stage.options.uses_bco else None
+    return step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        # A fresh copy: jit outputs never alias a non-donated input, so the moving reference
+        # and the policy are distinct buffers.
+        ref_params=params if stage.sync_reference else None,
+        bco_running_mean=bco,
+        bco_running_count=bco,
+    )
+
+
+def state_shardings(abstract_state: step_lib.TrainState, stage: Stage, ctx: Context):
+    """The NamedSharding of every leaf of the state: params by rule, optimizer state like them."""
+    replicated = sharding.replicated(ctx.mesh)
+    opt_shardings = optax.tree_map_params(
+        stage.tx,
+        lambda _, param_sharding: param_sharding,
+        abstract_state.opt_state,
+        ctx.param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    bco = replicated if stage.options.uses_bco else None
+    return step_lib.TrainState(
+        step=replicated,
+        params=ctx.param_shardings,
+        opt_state=opt_shardings,
+        ref_params=ctx.param_shardings if stage.sync_reference else None,
+        bco_running_mean=bco,
+        bco_running_count=bco,
+    )
+
+
+def _placed_init(stage: Stage, initial_params: Any, ctx: Context):
+    """(init function, its output as ShapeDtypeStructs carrying shardings, the shardings)."""
+    init = functools.partial(init_state_fn, tx=stage.tx, stage=stage)
+    abstract = jax.eval_shape(init, initial_params)
+    shardings = state_shardings(abstract, stage, ctx)
+    placed = jax.tree.map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        abstract,
+        shardings,
+    )
+    return init, placed, shardings
+
+
+def init_state(stage: Stage, initial_params: Any, ctx: Context) -> step_lib.TrainState:
+    """A fresh state at step 0, compiled with `out_shardings` from `jax.eval_shape`, so every
+    array is created in place on its devices (never built on the host and then moved)."""
+    init, _, shardings = _placed_init(stage, initial_params, ctx)
+    return jax.jit(init, in_shardings=(ctx.param_shardings,), out_shardings=shardings)(
+        initial_params
+    )
+
+
+def restore_or_init(manager, stage: Stage, initial_params: Any, ctx: Context):
+    """(state, rng, data_state): the stage's latest checkpoint, or a fresh state at step 0
+    with the key of `ctx.seed` and no data state."""
+    _, placed, _ = _placed_init(stage, initial_params, ctx)
+    restored = checkpoint.restore_latest(manager, placed)
+    if restored is not None:
+        return restored
+    return init_state(stage, initial_params, ctx), jax.random.key(ctx.seed), None
+
+
+def compile_update(stage: Stage, ctx: Context, state_sharding: Any, sample_batch: dict):
+    """The jitted update_fn of a stage: the one `jax.jit` of the training step.
+
+    The state is donated (its buffers are reused for the new state); the reference, the batch
+    and the key are not.
+    """
+    update = functools.partial(
+        step_lib.update_fn,
+        apply_fn=ctx.apply_fn,
+        tx=stage.tx,
+        schedule=stage.schedule,
+        options=stage.options,
+        mesh=ctx.mesh,
+    )
+    ref_sharding = None if stage.ref_params is None else ctx.param_shardings
+    replicated = sharding.replicated(ctx.mesh)
+    return jax.jit(
+        update,
+        in_shardings=(
+            state_sharding,
+            ref_sharding,
+            sharding.batch_shardings(sample_batch, ctx.mesh),
+            replicated,
+        ),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+
+
+def compile_eval(stage: Stage, ctx: Context, sample_batch: dict):
+    """The jitted eval_fn of a stage (metrics only, nothing donated)."""
+    evaluate = functools.partial(step_lib.eval_fn, apply_fn=ctx.apply_fn, options=stage.options)
+    ref_sharding = None if stage.eval_ref_params is None else ctx.param_shardings
+    return jax.jit(
+        evaluate,
+        in_shardings=(
+            ctx.param_shardings,
+            ref_sharding,
+            sharding.batch_shardings(sample_batch, ctx.mesh),
+        ),
+        out_shardings=sharding.replicated(ctx.mesh),
+    )
+
+
+def evaluate(stage: Stage, params: Any, ctx: Context) -> dict[str, float]:
+    """Metrics over the stage's eval batches, each batch weighted by its number of pairs.
+
+    Returns an empty dict when the stage has no eval batches.
+    """
+    batches = stage.eval_batches
+    if ctx.num_eval_batches:
+        batches = batches[: ctx.num_eval_batches]
+    if not batches:
+        return {}
+    if stage.eval_step is None:
+        stage.eval_step = compile_eval(stage, ctx, batches[0])
+    results = [
+        stage.eval_step(params, stage.eval_ref_params, sharding.put_batch(batch, ctx.mesh))
+        for batch in batches
+    ]
+    results = jax.device_get(results)
+    weights = np.array([r["num_pairs"] for r in results], np.float64)
+    total = max(weights.sum(), 1.0)
+    metrics = {
+        name: float(sum(w * r[name] for w, r in zip(weights, results, strict=True)) / total)
+        for name in results[0]
+        if name not in ("num_pairs", "num_tokens") and not name.startswith("bco/")
+    }
+    metrics["num_pairs"] = int(total)
+    return metrics
+
+
+def run_stage(stage: Stage, initial_params: Any, ctx: Context):
+    """Trains a stage to `stage.num_steps`, resuming from its checkpoints.
+
+    Returns:
+      (final state, train history): the history lists the fetched train metrics of this run
+      (dicts of floats, with "step"), empty when the stage was already complete.
+    """
+    directory = os.path.join(ctx.workdir, stage.name)
+    manager = checkpoint.make_manager(
+        os.path.join(directory, "checkpoints"),
+        keep=ctx.checkpoint_keep,
+        every_steps=ctx.checkpoint_every,
+    )
+    state, rng, data_state = restore_or_init(manager, stage, initial_params, ctx)
+    start = int(jax.device_get(state.step))
+    if data_state is not None:
+        stage.train_batches.set_state(data_state)
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(directory, tensorboard=ctx.tensorboard, enabled=is_main)
+    bar = ProgressBar(
+        total=stage.num_steps,
+        initial=start,
+        description=stage.name,
+        enabled=ctx.progress_bar and is_main,
+    )
+    try:
+        state, history = _train_loop(stage, ctx, state, rng, start, manager, writer, bar)
+    finally:
+        bar.close()
+        writer.close()
+        manager.wait_until_finished()
+    return state, history
+
+
+def _train_loop(stage, ctx, state, rng, start, manager, writer, bar):
+    update, history = None, []
+    pending = None  # (step, device metrics, tokens since last log, time of dispatch)
+    tokens, last_time = 0, time.perf_counter()
+    for step in range(start, stage.num_steps):
+        host_batch = next(stage.train_batches)
+        if update is None:
+            update = compile_update(stage, ctx, state_shardings_of(state), host_batch)
+        state, metrics = update(
+            state, stage.ref_params, sharding.put_batch(host_batch, ctx.mesh), rng
+        )
+        tokens += int(np.count_nonzero(host_batch["segment_ids"]))
+        if pending is not None:  # one step behind: step - 1's metrics are ready or nearly
+            history.append(_log(pending, writer, bar))
+            pending = None
+        done = step + 1
+        if done % ctx.log_every == 0 or done == stage.num_steps:
+            now = time.perf_counter()
+            pending = (done, metrics, tokens / max(now - last_time, 1e-9))
+            tokens, last_time = 0, now
+        bar.update()
+        if ctx.eval_every and done % ctx.eval_every == 0 and stage.eval_batches:
+            writer.write(done, evaluate(stage, state.params, ctx), split="eval")
+        checkpoint.save(
+            manager,
+            done,
+            state,
+            rng,
+            stage.train_batches.get_state(),
+            force=done == stage.num_steps,
+        )
+    if pending is not None:
+        history.append(_log(pending, writer, bar))
+    return state, history
+
+
+def state_shardings_of(state: step_lib.TrainState):
+    """The shardings a live state's arrays already have (to compile against them)."""
+    return jax.tree.map(lambda leaf: leaf.sharding, state)
+
+
+def _log(pending, writer: MetricsWriter, bar: ProgressBar) -> dict[str, float]:
+    step, device_metrics, tokens_per_second = pending
+    metrics = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
+    metrics["tokens_per_second"] = tokens_per_second
+    writer.write(step, metrics, split="train")
+    bar.show(metrics)
+    return {"step": step, **metrics}

