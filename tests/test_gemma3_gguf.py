@@ -344,7 +344,9 @@ def _write_tiny_gguf(path, *, architecture="gemma3", metadata=None, tensors=None
     values.update(metadata or {})
     writer = gguf.GGUFWriter(str(path), architecture)
     for key, value in values.items():
-        if isinstance(value, float):
+        if isinstance(value, str):
+            writer.add_string(f"{architecture}.{key}", value)
+        elif isinstance(value, float):
             writer.add_float32(f"{architecture}.{key}", value)
         else:
             writer.add_uint32(f"{architecture}.{key}", value)
@@ -485,3 +487,25 @@ def test_untied_output_layer(tmp_path):
     hf_config, tensors, _ = convert_gguf.gguf_to_hf(path)
     assert hf_config["tie_word_embeddings"] is False
     np.testing.assert_array_equal(tensors["lm_head.weight"], output.astype(np.float32))
+
+
+def test_optional_metadata(tmp_path):
+    # Keys newer llama.cpp versions write instead of hard-coding: pattern, local base, scaling.
+    metadata = {
+        "attention.sliding_window_pattern": 3,
+        "rope.freq_base_swa": 20_000.0,
+        "rope.scaling.type": "linear",
+        "rope.scaling.factor": 8.0,
+    }
+    hf_config, _, _ = convert_gguf.gguf_to_hf(
+        _write_tiny_gguf(tmp_path / "a.gguf", metadata=metadata)
+    )
+    assert hf_config["layer_types"] == ["sliding_attention"] * 2 + ["full_attention"] * 1 + [
+        "sliding_attention"
+    ] * 2 + ["full_attention"]
+    assert hf_config["rope_local_base_freq"] == 20_000.0
+    assert hf_config["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    metadata = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}
+    path = _write_tiny_gguf(tmp_path / "b.gguf", metadata=metadata)
+    with pytest.raises(ValueError, match="rope.scaling.type='yarn' is not supported"):
+        convert_gguf.gguf_to_hf(path)

@@ -140,34 +140,17 @@ def _hf_config_from_metadata(
 ) -> dict[str, Any]:
     """transformers' Gemma3TextConfig as a dict, from the `gemma3.*` keys and llama.cpp's
     hard-coded Gemma 3 settings."""
-    architecture = metadata.get("general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"{path}: GGUF architecture {architecture!r} is not supported "
-            f"(supported: {list(SUPPORTED_ARCHITECTURES)})"
-        )
+    architecture = _architecture(metadata, path)
 
     def get(key: str, bound: int | None = None):
-        full_key = f"{architecture}.{key}"
-        if full_key not in metadata:
-            raise ValueError(f"{path}: GGUF metadata has no {full_key!r}")
-        value = metadata[full_key]
-        if bound is not None and not (isinstance(value, int) and 0 < value <= bound):
-            raise ValueError(f"{path}: {full_key}={value!r} must be an integer in [1, {bound}]")
-        return value
+        return _metadata_value(metadata, f"{architecture}.{key}", path, bound)
 
-    if not 0 < vocab_size <= _MAX_VOCAB:
-        raise ValueError(f"{path}: vocabulary size {vocab_size} must be in [1, {_MAX_VOCAB}]")
     num_layers = get("block_count", _MAX_LAYERS)
     hidden_size = get("embedding_length", _MAX_DIM)
     num_heads = get("attention.head_count", _MAX_DIM)
     head_dim = get("attention.key_length", _MAX_DIM)
     if get("attention.value_length", _MAX_DIM) != head_dim:
         raise ValueError(f"{path}: key_length and value_length differ; Gemma 3 needs them equal")
-    if f"{architecture}.rope.scaling.type" in metadata:
-        rope_scaling = _rope_scaling(metadata, architecture, path)
-    else:
-        rope_scaling = None
     query_pre_attn_scalar = (
         hidden_size // num_heads if num_layers == _GEMMA3_27B_BLOCK_COUNT else head_dim
     )
@@ -190,7 +173,7 @@ def _hf_config_from_metadata(
         "rope_local_base_freq": _float32_value(
             metadata.get(f"{architecture}.rope.freq_base_swa", _GEMMA3_ROPE_LOCAL_BASE_FREQ)
         ),
-        "rope_scaling": rope_scaling,
+        "rope_scaling": _rope_scaling(metadata, architecture, path),
         "sliding_window": get("attention.sliding_window", 1 << 30),
         "layer_types": layer_types,
         "query_pre_attn_scalar": query_pre_attn_scalar,
@@ -204,6 +187,26 @@ def _hf_config_from_metadata(
         "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     }
+
+
+def _architecture(metadata: dict[str, Any], path: str) -> str:
+    architecture = metadata.get("general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {architecture!r} is not supported "
+            f"(supported: {list(SUPPORTED_ARCHITECTURES)})"
+        )
+    return architecture
+
+
+def _metadata_value(metadata: dict[str, Any], key: str, path: str, bound: int | None = None):
+    """metadata[key]; with `bound`, an int in [1, bound] (a corrupt header cannot ask for more)."""
+    if key not in metadata:
+        raise ValueError(f"{path}: GGUF metadata has no {key!r}")
+    value = metadata[key]
+    if bound is not None and not (isinstance(value, int) and 0 < value <= bound):
+        raise ValueError(f"{path}: {key}={value!r} must be an integer in [1, {bound}]")
+    return value
 
 
 def _layer_types(reader, architecture: str, num_layers: int, path: str) -> list[str]:
@@ -227,7 +230,7 @@ def _layer_types(reader, architecture: str, num_layers: int, path: str) -> list[
 
 def _rope_scaling(metadata: dict[str, Any], architecture: str, path: str) -> dict[str, Any] | None:
     """Gemma 3 4B and larger scale the global layers' RoPE linearly (factor 8)."""
-    rope_type = metadata[f"{architecture}.rope.scaling.type"]
+    rope_type = metadata.get(f"{architecture}.rope.scaling.type", "none")
     if rope_type == "none":
         return None
     if rope_type != "linear":
