@@ -1,0 +1,95 @@
+"""The CPU benchmark: the peers' 44M Llama DPO workload, float32, random weights and tokens.
+
+A Llama of hidden 512, 4 layers, 8 query / 4 KV heads of 64, MLP 1376, vocabulary 32,000, untied
+embeddings; 8 pairs of 128 prompt + 129 response tokens a step; AdamW. The peers were measured on
+this workload on a 2-core CPU (see ../shared/FACTS.md): TRL 16.6 s/step, tunix 6.4 s/step.
+
+Run (from the repository root, on a quiet machine: `uptime` load average < 1.5):
+
+    python scripts/benchmark.py --config=configs/bench_cpu.py
+    python scripts/benchmark.py --config=configs/bench_cpu.py --config.bench.variants=default
+    python scripts/benchmark.py --config=configs/bench_cpu.py:quick   # fewer steps, no V=262k
+
+Every training field comes from configs/default.py; `bench` holds what only the benchmark reads.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _default_config_module():
+    """configs/default.py, loaded by path (configs/ is not a package; scripts load files)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+    spec = importlib.util.spec_from_file_location("dpo_jax_configs_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VARIANTS = ("", "quick")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The bench_cpu config, or its "quick" variant (`arg`).
+
+    Raises:
+      ValueError: an unknown variant.
+    """
+    if (arg or "") not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r} of configs/bench_cpu.py; known: {VARIANTS}")
+    config = _default_config_module().get_config()
+    with config.unlocked():
+        # Model
+        config.model.source = "random"
+        config.model.family = "llama"
+        config.model.vocab_size = 32_000
+        config.model.hidden_size = 512
+        config.model.intermediate_size = 1376
+        config.model.num_layers = 4
+        config.model.num_heads = 8
+        config.model.num_kv_heads = 4
+        config.model.head_dim = 64
+        config.model.tie_word_embeddings = False
+        config.model.dtype = "float32"
+        config.model.param_dtype = "float32"
+        config.model.remat = False
+        config.model.attention_impl = "xla"
+        config.model.logits_chunk_size = 0
+        # Data: random tokens, every row one pair of prompt + response, no padding.
+        config.data.batch_size = 8
+        config.data.max_length = 128 + 129
+        config.data.max_prompt_length = 128
+        config.optimizer.name = "adamw"
+        config.mesh.num_devices = 1
+        config.bench = bench_fields(prompt_length=128, response_length=129)
+        if arg == "quick":
+            config.bench.warmup_steps = 1
+            config.bench.timed_steps = 3
+            config.bench.logprob_memory_tokens = 0
+    config.lock()
+    return config
+
+
+def bench_fields(*, prompt_length: int, response_length: int) -> ml_collections.ConfigDict:
+    """The `bench` group, shared with configs/bench_gpu_1b.py."""
+    bench = ml_collections.ConfigDict()
+    bench.prompt_length = prompt_length  # prompt tokens of each random sequence
+    bench.response_length = response_length  # response tokens (prompt + response = max_length)
+    bench.warmup_steps = 2  # untimed steps after compiling
+    bench.timed_steps = 5  # timed steps; the median is reported
+    # Alternatives, each compiled and timed in its own subprocess; the first is the baseline.
+    # Names: default, bfloat16, float32, remat, no_remat, chunked, full_logits, cudnn,
+    # xla_attention, precomputed_ref. A variant equal to the default (e.g. "float32" when the
+    # default already is) is still run; cudnn is reported as n/a off GPU.
+    bench.variants = "default,bfloat16,remat,chunked,cudnn,precomputed_ref"
+    bench.chunk_size = 1024  # logits_chunk_size of the "chunked" variant (token rows per chunk)
+    bench.peak_matmul_size = 2048  # n of the n³ jnp.dot in the compute dtype that defines peak
+    bench.peak_repeats = 10  # timed dots; the median is the peak
+    bench.spec_peak_flops = 0.0  # the device's spec FLOP/s in the compute dtype; 0: none
+    bench.logprob_memory_tokens = 4096  # tokens of the V=262,144 log-prob memory check; 0: skip
+    bench.logprob_memory_hidden = 640  # D of that check (Gemma 3 270M's width)
+    bench.logprob_memory_chunk = 256  # chunk rows of that check
+    bench.output = "bench_results/bench_cpu.json"  # JSON written here (the table is printed)
+    return bench
