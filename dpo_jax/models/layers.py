@@ -215,10 +215,13 @@ def gated_mlp(
     Returns:
         [B, T, D].
     """
-    gate = jnp.einsum("btd,df->btf", x, gate_kernel)
-    up = jnp.einsum("btd,df->btf", x, up_kernel)
+    # 2-D matmuls over all tokens: XLA then computes the weight gradients as plain
+    # transposed-operand GEMMs, where [B, T, F] einsums made it copy activations (measured on CPU).
+    tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]
+    gate = tokens @ gate_kernel
+    up = tokens @ up_kernel
     if activation == "silu":
         hidden = jax.nn.silu(gate) * up
     else:
         hidden = jax.nn.gelu(gate, approximate=True) * up
-    return jnp.einsum("btf,fd->btd", hidden, down_kernel)
+    return (hidden @ down_kernel).reshape(x.shape)

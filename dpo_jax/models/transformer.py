@@ -91,9 +91,16 @@ class Attention(nnx.Module):
         """[B, T, D] -> [B, T, D]; `mask` is [B, T, T] bool (used by the XLA path)."""
         config = self.config
         dtype = x.dtype
-        query = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dtype))
-        key = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dtype))
-        value = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dtype))
+        batch, length, _ = x.shape
+        tokens = x.reshape(batch * length, -1)  # [B*T, D]: 2-D GEMMs, see layers.gated_mlp
+
+        def project(kernel):
+            out = jnp.einsum("nd,dhk->nhk", tokens, kernel[...].astype(dtype))
+            return out.reshape(batch, length, *out.shape[1:])  # [B, T, heads, Dh]
+
+        query = project(self.q_kernel)
+        key = project(self.k_kernel)
+        value = project(self.v_kernel)
         if config.qkv_bias:
             query = query + self.q_bias[...].astype(dtype)[None, None]
             key = key + self.k_bias[...].astype(dtype)[None, None]
@@ -121,7 +128,9 @@ class Attention(nnx.Module):
                 scale=config.attention_scale,
                 softcap=config.attn_logit_softcapping,
             )
-        out = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(dtype))
+        out = out.reshape(batch * length, *out.shape[2:])  # [B*T, H, Dh]
+        out = jnp.einsum("nhk,hkd->nd", out, self.o_kernel[...].astype(dtype))
+        out = out.reshape(batch, length, -1)
         if config.o_bias:
             out = out + self.o_bias[...].astype(dtype)[None, None]
         return out
