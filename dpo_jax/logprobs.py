@@ -88,41 +88,54 @@ def token_logps_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return target_logits.astype(jnp.float32) - log_normalizer
 
 
-def _logits(hidden: jax.Array, unembedding: jax.Array) -> jax.Array:
-    """[..., D] @ [D, V] -> [..., V] float32, accumulated in float32 whatever the input dtype."""
-    return jnp.einsum("...d,dv->...v", hidden, unembedding, preferred_element_type=jnp.float32)
+def _logits(
+    hidden: jax.Array, unembedding: jax.Array, final_logit_softcapping: float | None = None
+) -> jax.Array:
+    """[..., D] @ [D, V] -> [..., V] float32, accumulated in float32 whatever the input dtype,
+    then cap·tanh(logits / cap) when a soft-cap is given (as the model's own logits are)."""
+    logits = jnp.einsum("...d,dv->...v", hidden, unembedding, preferred_element_type=jnp.float32)
+    if final_logit_softcapping is not None:
+        if not final_logit_softcapping > 0:
+            raise ValueError(f"final_logit_softcapping={final_logit_softcapping} must be > 0")
+        logits = jnp.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+    return logits
 
 
 def chunked_token_logps(
-    hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, *, chunk_size: int
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int,
+    final_logit_softcapping: float | None = None,
 ) -> jax.Array:
     """token_logps_from_logits(hidden @ unembedding, targets) without holding all the logits.
 
     The N·T token rows are cut into chunks of `chunk_size` rows (the last one zero-padded), and a
-    scan computes each chunk's [chunk_size, V] float32 logits, logsumexp and gather. The chunk body
-    is wrapped in `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of
-    keeping them; the unembedding's gradient is accumulated across chunks by the scan.
+    scan computes each chunk's [chunk_size, V] float32 logits, logsumexp and gather; the body is
+    wrapped in `jax.checkpoint`, so the backward recomputes each chunk's logits instead of keeping
+    them, and the scan accumulates the unembedding's gradient across chunks.
 
-    Why chunks of tokens, not of the vocabulary: a token chunk needs no running max/sum across
-    chunks (each row sees the whole vocabulary at once), its gather is local, and each chunk is a
-    plain [C, D] @ [D, V] matmul whose gradient adds into one [D, V] buffer. Vocabulary chunks
-    would need an online logsumexp carried over chunks and a second pass for the gradient.
+    Chunks of tokens, not of the vocabulary: each row sees all of V at once, so no running
+    logsumexp is carried over chunks and the gather is local; each chunk is a plain [C, D] @ [D, V]
+    matmul whose gradient adds into one [D, V] buffer.
 
-    Memory bound (float32 logits): about 2·C·V·4 bytes live at once in the backward (a chunk's
-    logits and their cotangent) plus the [D, V] gradient accumulator, against 2·N·T·V·4 for the
-    full path. For V = 262,144 and C = 256 that is 0.5 GB instead of 8.6 GB at N·T = 4,096.
+    Memory (float32 logits): about 2·C·V·4 bytes live in the backward (a chunk's logits and their
+    cotangent) plus the [D, V] gradient, against 2·N·T·V·4 for the full path: 0.5 GB instead of
+    8.6 GB for V = 262,144, C = 256 and N·T = 4,096.
 
     Args:
       hidden: [N, T, D] final hidden states (any leading shape is accepted).
       unembedding: [D, V] output projection.
       targets: [N, T] int32 target ids (the leading shape of hidden).
       chunk_size: rows of N·T per chunk, > 0; clipped to N·T.
+      final_logit_softcapping: the model's logit soft-cap, or None (see `logprob_fn`).
 
     Returns:
       [N, T] float32 log-probs of the targets.
 
     Raises:
-      ValueError: on a non-positive chunk_size or mismatched shapes.
+      ValueError: on a non-positive chunk_size or soft-cap, or mismatched shapes.
     """
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
@@ -143,7 +156,8 @@ def chunked_token_logps(
 
     @jax.checkpoint
     def chunk_logps(unembedding, hidden_chunk, target_chunk):
-        return token_logps_from_logits(_logits(hidden_chunk, unembedding), target_chunk)  # [C]
+        logits = _logits(hidden_chunk, unembedding, final_logit_softcapping)  # [C, V]
+        return token_logps_from_logits(logits, target_chunk)  # [C]
 
     def body(carry, chunk):
         return carry, chunk_logps(unembedding, *chunk)
@@ -202,13 +216,13 @@ def logprob_fn(
     batch: dict[str, jax.Array],
     *,
     logits_chunk_size: int | None = None,
+    final_logit_softcapping: float | None = None,
 ) -> LogProbs:
     """Log-probs of the chosen and rejected responses, from one concatenated forward pass.
 
     Chosen and rejected rows go through the model together as [2B, T] and come back to [B, 2, ...]
-    right after. Sums are over scored tokens (see `next_token_targets`), never means.
-    Packed rows are handled by segment ids; keeping one segment's attention from seeing another
-    is the model's job (apply_fn receives positions and segment_ids for that).
+    right after. Sums are over scored tokens (see `next_token_targets`), never means. Keeping one
+    packed segment's attention from another is apply_fn's job (it gets positions, segment_ids).
 
     Args:
       apply_fn: (params, tokens [2B, T], positions [2B, T], segment_ids [2B, T]) ->
@@ -216,6 +230,9 @@ def logprob_fn(
       params: the model's parameters, passed through to apply_fn.
       batch: tokens, response_mask, positions, segment_ids, each [B, 2, T]; pair_mask [B, S].
       logits_chunk_size: None for full [2B, T, V] logits; else rows per chunk of the chunked path.
+      final_logit_softcapping: the model's logit soft-cap, cap·tanh(logits / cap), or None. It
+        must be the model config's `final_logit_softcapping`: apply_fn returns hidden states, not
+        logits, so a soft-capped model scored without it gives wrong log-probs, silently.
 
     Returns:
       LogProbs(logps [B, 2, S] float32, token_logps [B, 2, T] float32, lengths [B, 2, S] int32).
@@ -232,10 +249,14 @@ def logprob_fn(
     )
     hidden, unembedding = apply_fn(params, tokens, positions, segment_ids)
     targets, target_mask = next_token_targets(tokens, response_mask, segment_ids)
-    if logits_chunk_size is None:
-        predicted = token_logps_from_logits(_logits(hidden, unembedding), targets)  # [2B, T]
+    chunk_size, softcap = logits_chunk_size, final_logit_softcapping
+    if chunk_size is None:
+        logits = _logits(hidden, unembedding, softcap)  # [2B, T, V]
+        predicted = token_logps_from_logits(logits, targets)  # [2B, T]
     else:
-        predicted = chunked_token_logps(hidden, unembedding, targets, chunk_size=logits_chunk_size)
+        predicted = chunked_token_logps(
+            hidden, unembedding, targets, chunk_size=chunk_size, final_logit_softcapping=softcap
+        )
     # `where`, not a product: whatever is computed at an unscored position never reaches the sum.
     predicted = jnp.where(target_mask, predicted, 0.0)
     # The prediction made at t - 1 is the log-prob of token t: align to the token's own position.

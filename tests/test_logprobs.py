@@ -67,7 +67,7 @@ def numpy_log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def numpy_reference(params, batch):
+def numpy_reference(params, batch, softcap=None):
     """Separate forwards for chosen and rejected, NumPy log-softmax and an explicit token loop."""
     tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
     response_mask = np.asarray(batch["response_mask"])
@@ -79,7 +79,10 @@ def numpy_reference(params, batch):
         hidden, unembedding = toy_apply(
             params, batch["tokens"][:, p], batch["positions"][:, p], batch["segment_ids"][:, p]
         )
-        log_probs = numpy_log_softmax(np.asarray(hidden, np.float64) @ np.asarray(unembedding))
+        logits = np.asarray(hidden, np.float64) @ np.asarray(unembedding, np.float64)
+        if softcap is not None:
+            logits = softcap * np.tanh(logits / softcap)
+        log_probs = numpy_log_softmax(logits)
         for b in range(num_rows):
             for t in range(1, length):
                 segment = segments[b, p, t]
@@ -241,6 +244,27 @@ def test_logprob_fn_matches_separate_forwards(logits_chunk_size):
     # token_logps sit at the scored tokens' own positions and sum to logps.
     np.testing.assert_array_equal(result.token_logps != 0, batch["response_mask"])
     np.testing.assert_allclose(result.token_logps.sum(-1), result.logps[..., 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("logits_chunk_size", [None, 5])
+def test_logprob_fn_applies_final_logit_softcapping(logits_chunk_size):
+    # A soft-capped model's logits are cap·tanh(hidden @ unembedding / cap) (Gemma 2 style;
+    # models.transformer.logits_from_hidden). apply_fn returns hidden states, so logprob_fn must
+    # apply the cap itself: cap = 1.5 changes these log-probs by far more than the tolerance.
+    params, batch = init_toy_params(), pack_pairs(ROWS, length=9)
+    capped = logprob_fn(
+        toy_apply,
+        params,
+        batch,
+        logits_chunk_size=logits_chunk_size,
+        final_logit_softcapping=1.5,
+    )
+    expected, _ = numpy_reference(params, batch, softcap=1.5)
+    uncapped, _ = numpy_reference(params, batch)
+    assert np.abs(expected - uncapped).max() > 0.5
+    np.testing.assert_allclose(capped.logps, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="final_logit_softcapping=0.0 must be > 0"):
+        logprob_fn(toy_apply, params, batch, final_logit_softcapping=0.0)
 
 
 def test_logprob_fn_chunked_gradients_match_full():
