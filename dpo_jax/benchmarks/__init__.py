@@ -1,0 +1,1 @@
+"""Benchmarks of dpo_jax's pieces, as functions returning dicts (scripts print and save them)."""
