@@ -265,7 +265,7 @@ def update_fn(
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     metrics["num_tokens"] = batch_tokens(batch)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
