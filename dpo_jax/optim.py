@@ -87,7 +87,9 @@ def make_optimizer(
             raise ValueError(
                 f"optimizer.weight_decay={weight_decay} is not applied by rmsprop; set it to 0"
             )
-        base = optax.rmsprop(schedule, decay=rmsprop_decay, eps=eps)
+        # eps outside the square root, g / (sqrt(nu) + eps): torch.optim.RMSprop's form, the
+        # optimizer of the DPO paper's code (optax's default puts eps inside the root).
+        base = optax.rmsprop(schedule, decay=rmsprop_decay, eps=eps, eps_in_sqrt=False)
     if not max_grad_norm:
         return base
     if max_grad_norm < 0:

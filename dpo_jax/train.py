@@ -442,6 +442,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{name:<22}{cells}")
     lines.append(
         f"(eval: {summary['after_dpo'].get('num_pairs', 0)} held-out pairs; rewards = "
-        "β·(log π − log π_ref) with π_ref the SFT model; logps/accuracies: π prefers chosen)"
+        "β·(log π − log π_ref), π_ref the model DPO starts from, so 0 before DPO; "
+        "logps/accuracies: π gives chosen the higher log-prob)"
     )
     return "\n".join(lines)
