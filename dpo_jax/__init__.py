@@ -1,3 +1,6 @@
-"""dpo_jax: Direct Preference Optimization in JAX. Kept empty so `import dpo_jax.losses` stays light."""
+"""dpo_jax: Direct Preference Optimization in JAX.
+
+Kept empty so that `import dpo_jax.losses` stays light (jax only).
+"""
 
 __version__ = "0.1.0"

@@ -66,6 +66,7 @@ class Context:
     num_eval_batches: int
     progress_bar: bool
     tensorboard: bool
+    final_logit_softcapping: float | None = None  # the model's logit cap, applied to log-probs
 
 
 def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage):
@@ -253,7 +254,8 @@ def _train_loop(stage, ctx, state, rng, start, manager, writer, bar):
         state, metrics = update(
             state, stage.ref_params, sharding.put_batch(host_batch, ctx.mesh), rng
         )
-        tokens += int(np.count_nonzero(host_batch["segment_ids"]))
+        # host_batch is this host's slice; every host holds an equal slice of the global batch.
+        tokens += jax.process_count() * int(np.count_nonzero(host_batch["segment_ids"]))
         if pending is not None:  # one step behind: step - 1's metrics are ready or nearly
             history.append(_log(pending, writer, bar))
             pending = None

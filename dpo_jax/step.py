@@ -67,6 +67,7 @@ class LossOptions:
       num_microbatches: micro-batches per step (gradient accumulation), >= 1.
       ref_sync_every: TR-DPO: mix the reference towards the policy every N steps; 0: never.
       ref_sync_alpha: TR-DPO α: ref <- α·policy + (1 − α)·ref.
+      final_logit_softcapping: the model's cap·tanh(logits / cap) on logits, or None.
     """
 
     loss_type: tuple[str, ...] = ("sigmoid",)
@@ -78,6 +79,7 @@ class LossOptions:
     num_microbatches: int = 1
     ref_sync_every: int = 0
     ref_sync_alpha: float = 0.6
+    final_logit_softcapping: float | None = None
 
     @property
     def uses_bco(self) -> bool:
@@ -85,9 +87,10 @@ class LossOptions:
 
     @property
     def needs_lengths(self) -> bool:
-        # Length-normalised variants read the token counts; plain DPO must not (ipo switches
-        # to its per-token form when given them), so they are passed only when required.
-        return any(name in ("simpo", "sigmoid_norm", "sft") for name in self.loss_type)
+        # Token counts go to every variant that can read them. ipo is among them always, so its
+        # form never depends on which other losses are listed (with "sft" it would otherwise
+        # switch form silently); in training it is TRL's ipo, on log-probs averaged per token.
+        return any(name in ("simpo", "sigmoid_norm", "sft", "ipo") for name in self.loss_type)
 
 
 def batch_tokens(batch: dict[str, jax.Array]) -> jax.Array:
@@ -111,7 +114,13 @@ def reference_logps(
     if "ref_logps" in batch:
         return batch["ref_logps"]
     frozen = jax.lax.stop_gradient(ref_params)
-    logps = logprob_fn(apply_fn, frozen, batch, logits_chunk_size=options.logits_chunk_size).logps
+    logps = logprob_fn(
+        apply_fn,
+        frozen,
+        batch,
+        logits_chunk_size=options.logits_chunk_size,
+        final_logit_softcapping=options.final_logit_softcapping,
+    ).logps
     return jax.lax.stop_gradient(logps)
 
 
@@ -140,7 +149,13 @@ def loss_and_metrics(
       (loss, metrics), metrics as `dpo_jax.losses.dpo_loss_fn` plus `logps/accuracies` (the
       fraction of pairs whose chosen log-prob beats the rejected one, reference-free).
     """
-    policy = logprob_fn(apply_fn, params, batch, logits_chunk_size=options.logits_chunk_size)
+    policy = logprob_fn(
+        apply_fn,
+        params,
+        batch,
+        logits_chunk_size=options.logits_chunk_size,
+        final_logit_softcapping=options.final_logit_softcapping,
+    )
     ref_chosen = ref_rejected = None
     if options.use_reference:
         ref_logps = reference_logps(apply_fn, ref_params, batch, options)  # [B, 2, S]
@@ -313,7 +328,18 @@ def eval_fn(
 
 
 def ref_logps_fn(
-    ref_params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable, logits_chunk_size
+    ref_params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    apply_fn: Callable,
+    logits_chunk_size,
+    final_logit_softcapping: float | None = None,
 ) -> jax.Array:
     """[B, 2, S] float32 summed reference log-probs of a batch (for the precomputed pass)."""
-    return logprob_fn(apply_fn, ref_params, batch, logits_chunk_size=logits_chunk_size).logps
+    return logprob_fn(
+        apply_fn,
+        ref_params,
+        batch,
+        logits_chunk_size=logits_chunk_size,
+        final_logit_softcapping=final_logit_softcapping,
+    ).logps

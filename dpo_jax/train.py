@@ -65,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     sft_summary = {}
     if config.sft.num_steps:
-        sft_stage = make_sft_stage(config, tokenizer, sources, data_counts)
+        sft_stage = make_sft_stage(config, tokenizer, ctx, sources, data_counts)
         sft_summary["eval_before"] = evaluate(sft_stage, params, ctx)
         params = run_stage(sft_stage, params, ctx)[0].params
         sft_summary["eval_after"] = evaluate(sft_stage, params, ctx)
@@ -238,6 +238,7 @@ def make_context(config, mesh, model_config: ModelConfig, workdir: str) -> Conte
         num_eval_batches=config.log.num_eval_batches,
         progress_bar=config.log.progress_bar,
         tensorboard=config.log.tensorboard,
+        final_logit_softcapping=model_config.final_logit_softcapping,
     )
 
 
@@ -317,7 +318,9 @@ def _optimizer(config, learning_rate: float, warmup_steps: int, num_steps: int):
     return tx, schedule
 
 
-def _loss_options(config, loss_type: tuple[str, ...]) -> step_lib.LossOptions:
+def _loss_options(
+    config, loss_type: tuple[str, ...], final_logit_softcapping: float | None = None
+) -> step_lib.LossOptions:
     weights = tuple(float(w) for w in config.dpo.loss_weights.split(",") if w.strip()) or None
     return step_lib.LossOptions(
         loss_type=loss_type,
@@ -329,10 +332,11 @@ def _loss_options(config, loss_type: tuple[str, ...]) -> step_lib.LossOptions:
         num_microbatches=config.optimizer.grad_accum_steps,
         ref_sync_every=config.dpo.ref_sync_every,
         ref_sync_alpha=config.dpo.ref_sync_alpha,
+        final_logit_softcapping=final_logit_softcapping,
     )
 
 
-def make_sft_stage(config, tokenizer, sources, counts: dict) -> Stage:
+def make_sft_stage(config, tokenizer, ctx: Context, sources, counts: dict) -> Stage:
     """The SFT stage: NLL per chosen token, no reference."""
     tx, schedule = _optimizer(
         config, config.sft.learning_rate, config.sft.warmup_steps, config.sft.num_steps
@@ -340,7 +344,7 @@ def make_sft_stage(config, tokenizer, sources, counts: dict) -> Stage:
     return Stage(
         name="sft",
         num_steps=config.sft.num_steps,
-        options=_loss_options(config, ("sft",)),
+        options=_loss_options(config, ("sft",), ctx.final_logit_softcapping),
         tx=tx,
         schedule=schedule,
         ref_params=None,
@@ -355,7 +359,7 @@ def make_dpo_stage(
     config, tokenizer, ctx: Context, sources, ref_params: Any, counts: dict
 ) -> Stage:
     """The DPO stage against `ref_params`: in the step, precomputed, or moving (TR-DPO)."""
-    options = _loss_options(config, loss_names(config.dpo.loss_type))
+    options = _loss_options(config, loss_names(config.dpo.loss_type), ctx.final_logit_softcapping)
     tx, schedule = _optimizer(
         config, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.dpo.num_steps
     )
@@ -388,6 +392,7 @@ def _with_precomputed_reference(config, tokenizer, ctx: Context, sources, stage:
             step_lib.ref_logps_fn,
             apply_fn=ctx.apply_fn,
             logits_chunk_size=stage.options.logits_chunk_size,
+            final_logit_softcapping=stage.options.final_logit_softcapping,
         ),
         in_shardings=(ctx.param_shardings, None),
     )

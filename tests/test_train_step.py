@@ -182,7 +182,7 @@ def test_sft_loss_is_the_nll_per_chosen_token(tmp_path):
     config = tiny_config()
     ctx, _, params = build(config, tmp_path)
     tokenizer = train.synthetic.make_tokenizer()
-    stage = train.make_sft_stage(config, tokenizer, train.data_sources(config), counts={})
+    stage = train.make_sft_stage(config, tokenizer, ctx, train.data_sources(config), counts={})
     assert not stage.options.use_reference
     batch = stage.eval_batches[0]
     placed = train.sharding.put_batch(batch, ctx.mesh)
