@@ -86,7 +86,7 @@ def bench_fields(*, prompt_length: int, response_length: int) -> ml_collections.
     bench.variants = "default,bfloat16,remat,chunked,cudnn,precomputed_ref"
     bench.chunk_size = 1024  # logits_chunk_size of the "chunked" variant (token rows per chunk)
     bench.peak_matmul_size = 2048  # n of the n³ jnp.dot in the compute dtype that defines peak
-    bench.peak_repeats = 10  # timed dots; the median is the peak
+    bench.peak_repeats = 3  # timed dots before each timed step; their median is that step's peak
     bench.spec_peak_flops = 0.0  # the device's spec FLOP/s in the compute dtype; 0: none
     bench.logprob_memory_tokens = 4096  # tokens of the V=262,144 log-prob memory check; 0: skip
     bench.logprob_memory_hidden = 640  # D of that check (Gemma 3 270M's width)

@@ -104,24 +104,13 @@ def _median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def measure_peak_flops(dtype: str, size: int, repeats: int) -> dict:
-    """The machine's matmul speed now: a jitted [n, n] @ [n, n] `jnp.dot` in `dtype`, median.
-
-    Returns:
-      {"dtype", "size", "flops_per_s" (2·n³ / median seconds), "median_s", "times_s"}.
-    """
+def _make_peak_dot(dtype: str, size: int):
+    """A jitted [n, n] @ [n, n] `jnp.dot` in `dtype`, compiled and run once, and its FLOPs."""
     keys = jax.random.split(jax.random.key(0))
     lhs, rhs = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(lhs, rhs))  # compile, and touch every page once
-    median, times = _median_seconds(lambda: dot(lhs, rhs), repeats)
-    return {
-        "dtype": dtype,
-        "size": size,
-        "flops_per_s": 2 * size**3 / median,
-        "median_s": median,
-        "times_s": times,
-    }
+    return (lambda: dot(lhs, rhs)), 2 * size**3
 
 
 def random_batch(
@@ -239,33 +228,46 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for _ in range(bench.warmup_steps):
         state, metrics = compiled(state, ref_params, batch, rng)
     jax.block_until_ready(state)
-    peak = measure_peak_flops(model_config.dtype, bench.peak_matmul_size, bench.peak_repeats)
-
-    def one_step():
-        nonlocal state
-        state, _ = compiled(state, ref_params, batch, rng)
-        return state
-
-    step_s, times = _median_seconds(one_step, bench.timed_steps)
-    loss = float(jax.device_get(compiled(state, ref_params, batch, rng)[1]["loss"]))
     flops = model_flops(
         model_config,
         num_rows=2 * config.data.batch_size,
         row_length=config.data.max_length,
         reference_in_step=stage.ref_params is not None,
     )
+    # Shared CPUs change speed within seconds, so the peak is measured next to each timed step
+    # (a few dots before it) and each step's MFU is against its own neighbouring peak; the
+    # reported MFU is the median of those, the peak the median of the neighbouring peaks.
+    dot, dot_flops = _make_peak_dot(model_config.dtype, bench.peak_matmul_size)
+    step_times, peaks, mfus = [], [], []
+    for _ in range(bench.timed_steps):
+        peak_s, _ = _median_seconds(dot, bench.peak_repeats)
+        start = time.perf_counter()
+        state, _ = compiled(state, ref_params, batch, rng)
+        jax.block_until_ready(state)
+        step_times.append(time.perf_counter() - start)
+        peaks.append(dot_flops / peak_s)
+        mfus.append(flops["total_flops"] / step_times[-1] / peaks[-1])
+    step_s = statistics.median(step_times)
+    peak = {
+        "dtype": model_config.dtype,
+        "size": bench.peak_matmul_size,
+        "flops_per_s": statistics.median(peaks),
+        "per_step_flops_per_s": peaks,
+    }
+    loss = float(jax.device_get(compiled(state, ref_params, batch, rng)[1]["loss"]))
     device_stats = jax.devices()[0].memory_stats() or {}
     return {
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
         "step_s": step_s,
-        "step_times_s": times,
+        "step_times_s": step_times,
         "compile_s": compile_s,
         "tokens_per_s": flops["tokens"] / step_s,
         **flops,
         "achieved_flops_per_s": flops["total_flops"] / step_s,
         "peak": peak,
-        "mfu": flops["total_flops"] / step_s / peak["flops_per_s"],
+        "mfu": statistics.median(mfus),
+        "per_step_mfu": mfus,
         "mfu_spec": (
             flops["total_flops"] / step_s / bench.spec_peak_flops if bench.spec_peak_flops else None
         ),
