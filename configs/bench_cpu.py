@@ -77,8 +77,8 @@ def bench_fields(*, prompt_length: int, response_length: int) -> ml_collections.
     bench = ml_collections.ConfigDict()
     bench.prompt_length = prompt_length  # prompt tokens of each random sequence
     bench.response_length = response_length  # response tokens (prompt + response = max_length)
-    bench.warmup_steps = 2  # untimed steps after compiling
-    bench.timed_steps = 5  # timed steps; the median is reported
+    bench.warmup_steps = 3  # untimed steps after compiling (the first ones run slow)
+    bench.timed_steps = 6  # timed steps; the median is reported
     # Alternatives, each compiled and timed in its own subprocess; the first is the baseline.
     # Names: default, bfloat16, float32, remat, no_remat, chunked, full_logits, cudnn,
     # xla_attention, precomputed_ref. A variant equal to the default (e.g. "float32" when the
