@@ -258,6 +258,8 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "size": bench.peak_matmul_size,
         "flops_per_s": statistics.median(peaks),
         "per_step_flops_per_s": peaks,
+        # Contention only slows a dot down, so the fastest one is the machine's own speed.
+        "best_flops_per_s": max(peaks),
     }
     loss = float(jax.device_get(compiled(state, ref_params, batch, rng)[1]["loss"]))
     device_stats = jax.devices()[0].memory_stats() or {}
@@ -273,6 +275,8 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "peak": peak,
         "mfu": statistics.median(mfus),
         "per_step_mfu": mfus,
+        # Conservative: the median step against the fastest dot of the run.
+        "mfu_vs_best_peak": flops["total_flops"] / step_s / max(peaks),
         "mfu_spec": (
             flops["total_flops"] / step_s / bench.spec_peak_flops if bench.spec_peak_flops else None
         ),
@@ -347,7 +351,8 @@ def format_table(result: dict[str, Any]) -> str:
     gigabytes = lambda n: "-" if n is None else f"{n / 1e9:.2f}"
     header = (
         f"{'variant':<16}{'s/step':>8}{'vs first':>9}{'tokens/s':>10}{'TFLOP':>7}{'GFLOP/s':>9}"
-        f"{'peak GFLOP/s':>13}{'MFU':>7}{'compile s':>10}{'XLA GB':>8}{'RSS GB':>8}{'dev GB':>8}"
+        f"{'peak GFLOP/s':>13}{'MFU':>7}{'best-peak MFU':>14}{'compile s':>10}"
+        f"{'XLA GB':>8}{'RSS GB':>8}{'dev GB':>8}"
     )
     lines = [header, "-" * len(header)]
     for name, row in result["variants"].items():
@@ -358,7 +363,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{name:<16}{row['step_s']:>8.3f}{result['ratios'][name]:>9.3f}"
             f"{row['tokens_per_s']:>10.0f}{row['total_flops'] / 1e12:>7.3f}"
             f"{row['achieved_flops_per_s'] / 1e9:>9.1f}{row['peak']['flops_per_s'] / 1e9:>13.1f}"
-            f"{row['mfu']:>7.1%}{row['compile_s']:>10.1f}{gigabytes(row['xla_peak_bytes']):>8}"
+            f"{row['mfu']:>7.1%}{row['mfu_vs_best_peak']:>14.1%}{row['compile_s']:>10.1f}{gigabytes(row['xla_peak_bytes']):>8}"
             f"{gigabytes(row['peak_rss_bytes']):>8}{gigabytes(row['device_peak_bytes_in_use']):>8}"
         )
     first = next(iter(result["variants"].values()))
@@ -366,7 +371,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"MFU of the first variant against the spec peak: {first['mfu_spec']:.1%}")
     lines.append(
         "TFLOP: model FLOPs per step (6·P·N policy + 2·P·N reference in the step + attention, "
-        "causal counted fully); MFU against the peak measured in the same subprocess."
+        "causal counted fully). MFU: median over steps of each step against the dots timed just "
+        "before it; best-peak MFU: the median step against the fastest of those dots."
     )
     memory = result.get("logprob_memory")
     if memory and "ratios" in memory:
