@@ -6,11 +6,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from dpo_jax.models import ModelConfig, load_hf, logits, params_from_hf_tensors, save_hf
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 SEQ_LEN = 24
 LENGTHS = (24, 15)  # row 1 is right-padded; sequences are longer than the sliding windows (5)

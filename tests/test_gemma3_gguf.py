@@ -12,16 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from dpo_jax.models import convert_gguf
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.convert_hf import params_from_hf_tensors
 from dpo_jax.models.transformer import logits as model_logits
 from dpo_jax.tokenizer import check_tokenizer_fits
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # noqa: E402
 
 FRANCE = "The capital of France is"
 FRANCE_IDS = [818, 5279, 529, 7001, 563]  # 'The', '▁capital', '▁of', '▁France', '▁is'

@@ -206,13 +206,21 @@ def test_init_under_jit_with_out_shardings_matches_plain_init():
     )
 
 
-def test_cudnn_attention_is_refused_off_gpu():
-    if jax.default_backend() == "gpu":
-        pytest.skip("runs the cuDNN path on a GPU instead")
+def test_cudnn_attention_matches_xla_on_gpu_and_is_refused_elsewhere():
     config = CONFIGS["llama"].replace(attention_impl="cudnn")
     tokens, segment_ids = _padded_tokens()
-    with pytest.raises(ValueError, match="cudnn"):
-        logits(config, init_params(config, jax.random.key(0)), tokens, segment_ids=segment_ids)
+    params = init_params(config, jax.random.key(0))
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="cudnn"):
+            logits(config, params, tokens, segment_ids=segment_ids)
+        return
+    xla = CONFIGS["llama"]
+    real = np.asarray(segment_ids) > 0
+    np.testing.assert_allclose(
+        np.asarray(logits(config, params, tokens, segment_ids=segment_ids))[real],
+        np.asarray(logits(xla, params, tokens, segment_ids=segment_ids))[real],
+        atol=2e-3,  # cuDNN computes attention in bf16/tf32 internally
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,10 @@ import types
 import jinja2
 import pytest
 import tokenizers
+import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
-
-transformers = pytest.importorskip("transformers")
 
 _CORPUS = [
     "The capital of France is Paris.",
