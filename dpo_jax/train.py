@@ -297,7 +297,8 @@ def _eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
     return list(batches)
 
 
-def _optimizer(config, learning_rate: float, warmup_steps: int, num_steps: int):
+def stage_optimizer(config, learning_rate: float, warmup_steps: int, num_steps: int):
+    """(optax transformation, schedule) of a stage of `num_steps` at this peak rate."""
     schedule = make_schedule(
         learning_rate,
         warmup_steps=min(warmup_steps, num_steps),
@@ -318,9 +319,10 @@ def _optimizer(config, learning_rate: float, warmup_steps: int, num_steps: int):
     return tx, schedule
 
 
-def _loss_options(
+def loss_options(
     config, loss_type: tuple[str, ...], final_logit_softcapping: float | None = None
 ) -> step_lib.LossOptions:
+    """The step's static options for `loss_type`, from the config's DPO and model fields."""
     weights = tuple(float(w) for w in config.dpo.loss_weights.split(",") if w.strip()) or None
     return step_lib.LossOptions(
         loss_type=loss_type,
@@ -338,13 +340,13 @@ def _loss_options(
 
 def make_sft_stage(config, tokenizer, ctx: Context, sources, counts: dict) -> Stage:
     """The SFT stage: NLL per chosen token, no reference."""
-    tx, schedule = _optimizer(
+    tx, schedule = stage_optimizer(
         config, config.sft.learning_rate, config.sft.warmup_steps, config.sft.num_steps
     )
     return Stage(
         name="sft",
         num_steps=config.sft.num_steps,
-        options=_loss_options(config, ("sft",), ctx.final_logit_softcapping),
+        options=loss_options(config, ("sft",), ctx.final_logit_softcapping),
         tx=tx,
         schedule=schedule,
         ref_params=None,
@@ -359,8 +361,8 @@ def make_dpo_stage(
     config, tokenizer, ctx: Context, sources, ref_params: Any, counts: dict
 ) -> Stage:
     """The DPO stage against `ref_params`: in the step, precomputed, or moving (TR-DPO)."""
-    options = _loss_options(config, loss_names(config.dpo.loss_type), ctx.final_logit_softcapping)
-    tx, schedule = _optimizer(
+    options = loss_options(config, loss_names(config.dpo.loss_type), ctx.final_logit_softcapping)
+    tx, schedule = stage_optimizer(
         config, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.dpo.num_steps
     )
     train_batches = _train_batches(config, tokenizer, sources[0], counts, "dpo")

@@ -183,8 +183,10 @@ def build_step(config: ml_collections.ConfigDict):
     _, model_config, _ = train.load_model(config, workdir="")
     ctx = train.make_context(config, mesh, model_config, workdir="")
     params = train.initial_params(model_config, None, ctx, config.seed)
-    options = train._loss_options(config, train.loss_names(config.dpo.loss_type))
-    tx, schedule = train._optimizer(
+    options = train.loss_options(
+        config, train.loss_names(config.dpo.loss_type), ctx.final_logit_softcapping
+    )
+    tx, schedule = train.stage_optimizer(
         config, config.optimizer.learning_rate, config.optimizer.warmup_steps, 1000
     )
     precomputed = config.dpo.reference == "precomputed"
@@ -210,14 +212,16 @@ def build_step(config: ml_collections.ConfigDict):
     if precomputed:  # the one pass before training, as train._with_precomputed_reference runs it
         compute = jax.jit(
             lambda p, b: step_lib.ref_logps_fn(
-                p, b, apply_fn=ctx.apply_fn, logits_chunk_size=options.logits_chunk_size
+                p,
+                b,
+                apply_fn=ctx.apply_fn,
+                logits_chunk_size=options.logits_chunk_size,
+                final_logit_softcapping=options.final_logit_softcapping,
             )
         )
         host_batch["ref_logps"] = np.asarray(compute(params, sharding.put_batch(host_batch, mesh)))
-    init = lambda p: stage_lib.init_state_fn(p, tx=tx, stage=stage)
-    shardings = stage_lib.state_shardings(jax.eval_shape(init, params), stage, ctx)
-    state = jax.jit(init, in_shardings=(ctx.param_shardings,), out_shardings=shardings)(params)
-    update = stage_lib.compile_update(stage, ctx, shardings, host_batch)
+    state = stage_lib.init_state(stage, params, ctx)  # as training builds it, in place
+    update = stage_lib.compile_update(stage, ctx, stage_lib.state_shardings_of(state), host_batch)
     batch = sharding.put_batch(host_batch, mesh)
     return update, state, stage.ref_params, batch, jax.random.key(config.seed), model_config, stage
 
