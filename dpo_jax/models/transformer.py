@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import layers
+from dpo_jax.models import kv_cache, layers
 from dpo_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -80,15 +80,13 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(dh, config)
             self.k_norm = RMSNorm(dh, config)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        cos_sin: tuple[jax.Array, jax.Array],
-        segment_ids: jax.Array,
-        mask: jax.Array,
-        sliding_window: int | None,
-    ) -> jax.Array:
-        """[B, T, D] -> [B, T, D]; `mask` is [B, T, T] bool (used by the XLA path)."""
+    def project(
+        self, x: jax.Array, cos_sin: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[B, T, D] -> queries [B, T, H, Dh], keys/values [B, T, K, Dh]: biased, normed, rotated.
+
+        The one implementation of the projections, shared by the training forward and decoding.
+        """
         config = self.config
         dtype = x.dtype
         batch, length, _ = x.shape
@@ -108,8 +106,29 @@ class Attention(nnx.Module):
         if config.qk_norm:
             query = self.q_norm(query)
             key = self.k_norm(key)
-        query = layers.apply_rope(query, *cos_sin)
-        key = layers.apply_rope(key, *cos_sin)
+        return layers.apply_rope(query, *cos_sin), layers.apply_rope(key, *cos_sin), value
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        """Attention outputs [B, T, H, Dh] -> [B, T, D] through the output projection."""
+        batch, length = attended.shape[:2]
+        out = attended.reshape(batch * length, *attended.shape[2:])  # [B*T, H, Dh]
+        out = jnp.einsum("nhk,hkd->nd", out, self.o_kernel[...].astype(attended.dtype))
+        out = out.reshape(batch, length, -1)
+        if self.config.o_bias:
+            out = out + self.o_bias[...].astype(out.dtype)[None, None]
+        return out
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos_sin: tuple[jax.Array, jax.Array],
+        segment_ids: jax.Array,
+        mask: jax.Array,
+        sliding_window: int | None,
+    ) -> jax.Array:
+        """[B, T, D] -> [B, T, D]; `mask` is [B, T, T] bool (used by the XLA path)."""
+        config = self.config
+        query, key, value = self.project(x, cos_sin)
         if config.attention_impl == "cudnn":
             out = layers.cudnn_attention(
                 query,
@@ -128,12 +147,45 @@ class Attention(nnx.Module):
                 scale=config.attention_scale,
                 softcap=config.attn_logit_softcapping,
             )
-        out = out.reshape(batch * length, *out.shape[2:])  # [B*T, H, Dh]
-        out = jnp.einsum("nhk,hkd->nd", out, self.o_kernel[...].astype(dtype))
-        out = out.reshape(batch, length, -1)
-        if config.o_bias:
-            out = out + self.o_bias[...].astype(dtype)[None, None]
-        return out
+        return self.output(out)
+
+    def decode(
+        self,
+        x: jax.Array,
+        cos_sin: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        cache_keys: jax.Array,
+        cache_values: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of L new tokens over a KV cache (XLA attention, whatever attention_impl).
+
+        Args:
+            x: [N, L, D] normed inputs of the new tokens.
+            cos_sin: RoPE of the new tokens' positions, each [N, L, Dh // 2].
+            mask: [N, L, S] bool over the cache slots after the write.
+            cache_keys, cache_values: [N, S, K, Dh]; the new keys/values go to slots
+                index .. index + L - 1.
+            index: scalar int32, the first slot written.
+
+        Returns:
+            ([N, L, D] outputs, updated keys, updated values).
+        """
+        query, key, value = self.project(x, cos_sin)
+        start = (0, index, 0, 0)
+        cache_keys = jax.lax.dynamic_update_slice(cache_keys, key.astype(cache_keys.dtype), start)
+        cache_values = jax.lax.dynamic_update_slice(
+            cache_values, value.astype(cache_values.dtype), start
+        )
+        out = layers.dot_product_attention(
+            query,
+            cache_keys.astype(query.dtype),
+            cache_values.astype(query.dtype),
+            mask,
+            scale=self.config.attention_scale,
+            softcap=self.config.attn_logit_softcapping,
+        )
+        return self.output(out), cache_keys, cache_values
 
 
 class MLP(nnx.Module):
@@ -172,18 +224,37 @@ class Block(nnx.Module):
             self.post_attn_norm = RMSNorm(config.hidden_size, config)
             self.post_mlp_norm = RMSNorm(config.hidden_size, config)
 
-    def __call__(self, x: jax.Array, rope: dict, segment_ids: jax.Array, masks: dict) -> jax.Array:
-        kind = "sliding" if self.sliding else "full"
-        attn_out = self.attn(
-            self.attn_norm(x), rope[kind], segment_ids, masks[kind], self.sliding_window
-        )
+    def _residual(self, x: jax.Array, attend: Callable) -> tuple[jax.Array, Any]:
+        """x + attention, then + MLP; `attend(normed) -> (out, extra)` is the attention kind."""
+        attn_out, extra = attend(self.attn_norm(x))
         if self.post_norms:
             attn_out = self.post_attn_norm(attn_out)
         x = x + attn_out
         mlp_out = self.mlp(self.mlp_norm(x))
         if self.post_norms:
             mlp_out = self.post_mlp_norm(mlp_out)
-        return x + mlp_out
+        return x + mlp_out, extra
+
+    def __call__(self, x: jax.Array, rope: dict, segment_ids: jax.Array, masks: dict) -> jax.Array:
+        kind = "sliding" if self.sliding else "full"
+
+        def attend(normed):
+            out = self.attn(normed, rope[kind], segment_ids, masks[kind], self.sliding_window)
+            return out, None
+
+        return self._residual(x, attend)[0]
+
+    def decode(self, x, rope: dict, masks: dict, keys, values, index):
+        """One layer over L new tokens and this layer's cache; see `Attention.decode`."""
+        kind = "sliding" if self.sliding else "full"
+
+        def attend(normed):
+            out, new_keys, new_values = self.attn.decode(
+                normed, rope[kind], masks[kind], keys, values, index
+            )
+            return out, (new_keys, new_values)
+
+        return self._residual(x, attend)
 
 
 def _block_forward(block: Block, x, rope, segment_ids, masks):
@@ -212,25 +283,58 @@ class Transformer(nnx.Module):
                 f"attention_impl='cudnn' needs an NVIDIA GPU (backend: {jax.default_backend()}); "
                 "use attention_impl='xla'"
             )
-        dtype = jnp.dtype(config.dtype)
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [B, T, D]
-        if config.embed_scale:
-            # transformers rounds sqrt(D) to the weights' dtype first (55.4256 -> 55.5 in bf16).
-            x = x * jnp.asarray(config.hidden_size**0.5, dtype)
+        x = self._embed(tokens)
         rope, masks = _rope_and_masks(config, positions, segment_ids)
         block_forward = nnx.remat(_block_forward) if config.remat else _block_forward
         for block in self.layers:
             x = block_forward(block, x, rope, segment_ids, masks)
-        hidden = self.final_norm(x)
-        if config.tie_word_embeddings:
+        return self.final_norm(x), self._unembedding()
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: kv_cache.KVCache
+    ) -> tuple[jax.Array, jax.Array, kv_cache.KVCache]:
+        """See `make_decode_fn`; returns (hidden [N, L, D], unembedding [D, V], cache)."""
+        config = self.config
+        cache = kv_cache.write_slots(cache, positions, valid)
+        rope = _rope(config, positions)
+        masks = {
+            "full": kv_cache.attention_mask(cache, positions, None),
+            "sliding": kv_cache.attention_mask(cache, positions, config.sliding_window),
+        }
+        x = self._embed(tokens)
+        keys, values = [], []
+        for i, block in enumerate(self.layers):
+            x, (layer_keys, layer_values) = block.decode(
+                x, rope, masks, cache.keys[i], cache.values[i], cache.index
+            )
+            keys.append(layer_keys)
+            values.append(layer_values)
+        cache = cache.replace(
+            keys=jnp.stack(keys), values=jnp.stack(values), index=cache.index + tokens.shape[1]
+        )
+        return self.final_norm(x), self._unembedding(), cache
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        """[N, T] int32 -> [N, T, D] in the compute dtype."""
+        config = self.config
+        dtype = jnp.dtype(config.dtype)
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [N, T, D]
+        if config.embed_scale:
+            # transformers rounds sqrt(D) to the weights' dtype first (55.4256 -> 55.5 in bf16).
+            x = x * jnp.asarray(config.hidden_size**0.5, dtype)
+        return x
+
+    def _unembedding(self) -> jax.Array:
+        """[D, V] in the compute dtype."""
+        if self.config.tie_word_embeddings:
             unembedding = self.embedding[...].T  # [D, V]; XLA folds the transpose into the dot
         else:
             unembedding = self.lm_head[...]
-        return hidden, unembedding.astype(dtype)
+        return unembedding.astype(jnp.dtype(self.config.dtype))
 
 
-def _rope_and_masks(config: ModelConfig, positions: jax.Array, segment_ids: jax.Array):
-    """cos/sin and [B, T, T] masks for the two layer kinds, computed once per forward."""
+def _rope(config: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """cos/sin of each layer kind ("full", and "sliding" with its own base when set)."""
     global_freq = layers.rope_inv_freq(
         config.head_dim,
         config.rope_theta,
@@ -241,16 +345,21 @@ def _rope_and_masks(config: ModelConfig, positions: jax.Array, segment_ids: jax.
         config.rope_original_max_position_embeddings,
     )
     rope = {"full": layers.rope_cos_sin(positions, global_freq)}
+    if config.rope_local_theta is None:
+        rope["sliding"] = rope["full"]
+    else:
+        local_freq = layers.rope_inv_freq(config.head_dim, config.rope_local_theta)
+        rope["sliding"] = layers.rope_cos_sin(positions, local_freq)
+    return rope
+
+
+def _rope_and_masks(config: ModelConfig, positions: jax.Array, segment_ids: jax.Array):
+    """cos/sin and [B, T, T] masks for the two layer kinds, computed once per forward."""
+    rope = _rope(config, positions)
     masks = {"full": None, "sliding": None}
     if config.attention_impl == "xla":
         masks["full"] = layers.attention_mask(segment_ids, None)
-    if "sliding_attention" in config.layer_types:
-        if config.rope_local_theta is None:
-            rope["sliding"] = rope["full"]
-        else:
-            local_freq = layers.rope_inv_freq(config.head_dim, config.rope_local_theta)
-            rope["sliding"] = layers.rope_cos_sin(positions, local_freq)
-        if config.attention_impl == "xla":
+        if "sliding_attention" in config.layer_types:
             masks["sliding"] = layers.attention_mask(segment_ids, config.sliding_window)
     return rope, masks
 
@@ -348,3 +457,36 @@ def logical_axes(config: ModelConfig) -> dict[str, Any]:
         return names
 
     return jax.tree_util.tree_map_with_path(axes, shapes)
+
+
+DecodeFn = Callable[..., tuple[jax.Array, kv_cache.KVCache]]
+
+
+def make_decode_fn(config: ModelConfig) -> DecodeFn:
+    """The pure incremental forward `decode_fn(params, cache, tokens, positions, valid)`.
+
+    Prefill is one call with the whole (left-padded) prompt; then one call per generated token
+    with L = 1. Jit it with the cache donated: `jax.jit(decode_fn, donate_argnums=1)`.
+    Attention here is XLA's whatever `config.attention_impl` says.
+
+    decode_fn args:
+        params: nested dict from `init_params` or a converter.
+        cache: a `KVCache` from `init_cache` (or a previous call); needs index + L <= max_length
+            (slots past the end are not written, as `jax.lax.dynamic_update_slice` clamps).
+        tokens: [N, L] int32 new tokens, written at slots index .. index + L - 1.
+        positions: [N, L] int32 their absolute position ids.
+        valid: [N, L] bool, False on left-padding (such slots are never attended to).
+
+    decode_fn returns:
+        logits: [N, L, V] float32, soft-capped as `logits_from_hidden`. Each token attends to
+            every valid slot whose position is <= its own (within the window in sliding layers).
+        cache: the updated cache, index advanced by L.
+    """
+    graphdef = _graphdef(config)
+
+    def decode_fn(params, cache, tokens, positions, valid):
+        model = nnx.merge(graphdef, params)
+        hidden, unembedding, cache = model.decode(tokens, positions, valid, cache)
+        return logits_from_hidden(config, hidden, unembedding), cache
+
+    return decode_fn
