@@ -51,9 +51,10 @@ def test_losses_run_with_heavy_packages_unimportable():
         "import jax, jax.numpy as jnp\n"
         "from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn\n"
         "x, lengths = jnp.zeros(4), jnp.ones(4)\n"
+        "needs = {'exo_pair': dict(label_smoothing=0.1), 'kto': dict(kto_labels=x > -1)}\n"
         "for name in sorted(LOSS_VARIANTS):\n"
         "    loss, _ = jax.jit(lambda x: dpo_loss_fn(x, x, x, x, beta=0.1, loss_type=name,\n"
-        "        chosen_lengths=lengths, rejected_lengths=lengths))(x)\n"
+        "        chosen_lengths=lengths, rejected_lengths=lengths, **needs.get(name, {})))(x)\n"
         "    print(name, float(loss))\n"
     )
     result = _run_python(code)

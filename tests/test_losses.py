@@ -64,7 +64,7 @@ def ref_robust(b, beta, label_smoothing):
 
 def ref_exo_pair(b, beta, label_smoothing):
     dc, dr = np_ratios(b)
-    z, eps = beta * (dc - dr), label_smoothing or 1e-3
+    z, eps = beta * (dc - dr), label_smoothing
     qw, ql = np_sigmoid(z), np_sigmoid(-z)
     return np.mean(qw * (np.log(qw) - np.log(1 - eps)) + ql * (np.log(ql) - np.log(eps)))
 
@@ -92,7 +92,7 @@ def ref_aot(b, beta, label_smoothing):
     return np_cdpo(beta * delta, label_smoothing)
 
 
-def ref_aot_pair(b, beta, label_smoothing):
+def ref_aot_unpaired(b, beta, label_smoothing):
     dc, dr = np_ratios(b)
     return np_cdpo(beta * (np.sort(dc) - np.sort(dr)), label_smoothing)
 
@@ -130,16 +130,39 @@ def ref_sft(b, lengths):
     return -np.mean(b["pc"])
 
 
+def ref_cpo(b, beta, label_smoothing):
+    return np_cdpo(beta * (b["pc"] - b["pr"]), label_smoothing)
+
+
+def np_log1mexp(x):
+    return np.log(-np.expm1(x))
+
+
+def ref_orpo(b, beta):
+    chosen, rejected = b["pc"] / b["lc"], b["pr"] / b["lr"]
+    log_odds = (chosen - rejected) - (np_log1mexp(chosen) - np_log1mexp(rejected))
+    return np.mean(-beta * np_log_sigmoid(log_odds))
+
+
+def ref_kto(b, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    # chosen slot: the completion; rejected slot: the mismatched completion for z₀.
+    z0 = max(0.0, np.mean(b["pr"] - b["rr"]))
+    delta = b["pc"] - b["rc"]
+    desirable = desirable_weight * (1 - np_sigmoid(beta * (delta - z0)))
+    undesirable = undesirable_weight * (1 - np_sigmoid(beta * (z0 - delta)))
+    return np.mean(np.where(b["lab"] > 0.5, desirable, undesirable))
+
+
 # (loss_type, keyword arguments for dpo_loss_fn, NumPy reference of the valid pairs)
 CASES = [
     ("sigmoid", {}, lambda b: ref_sigmoid(b, BETA)),
     ("sigmoid", {"label_smoothing": 0.1}, lambda b: ref_sigmoid(b, BETA, 0.1)),
     ("hinge", {}, lambda b: ref_hinge(b, BETA)),
-    ("ipo", {}, lambda b: ref_ipo(b, BETA)),
+    ("ipo", {"ipo_form": "summed"}, lambda b: ref_ipo(b, BETA)),
     ("ipo", {"lengths": True}, lambda b: ref_ipo(b, BETA, lengths=True)),
     ("robust", {}, lambda b: ref_robust(b, BETA, 0.0)),
     ("robust", {"label_smoothing": 0.2}, lambda b: ref_robust(b, BETA, 0.2)),
-    ("exo_pair", {}, lambda b: ref_exo_pair(b, BETA, 0.0)),
+    ("exo_pair", {"label_smoothing": 1e-3}, lambda b: ref_exo_pair(b, BETA, 1e-3)),
     ("exo_pair", {"label_smoothing": 0.1}, lambda b: ref_exo_pair(b, BETA, 0.1)),
     ("nca_pair", {}, lambda b: ref_nca_pair(b, BETA)),
     ("bco_pair", {}, lambda b: ref_bco_pair(b, BETA, 0.0, 0.0)),
@@ -151,8 +174,8 @@ CASES = [
     ("sppo_hard", {}, lambda b: ref_sppo_hard(b, BETA)),
     ("aot", {}, lambda b: ref_aot(b, BETA, 0.0)),
     ("aot", {"label_smoothing": 0.1}, lambda b: ref_aot(b, BETA, 0.1)),
-    ("aot_pair", {}, lambda b: ref_aot_pair(b, BETA, 0.0)),
-    ("aot_pair", {"label_smoothing": 0.1}, lambda b: ref_aot_pair(b, BETA, 0.1)),
+    ("aot_unpaired", {}, lambda b: ref_aot_unpaired(b, BETA, 0.0)),
+    ("aot_unpaired", {"label_smoothing": 0.1}, lambda b: ref_aot_unpaired(b, BETA, 0.1)),
     ("apo_zero", {}, lambda b: ref_apo_zero(b, BETA)),
     ("apo_down", {}, lambda b: ref_apo_down(b, BETA)),
     ("discopop", {}, lambda b: ref_discopop(b, BETA, 0.05)),
@@ -164,9 +187,31 @@ CASES = [
         lambda b: ref_simpo(b, BETA, 1.0, 0.1),
     ),
     ("sigmoid_norm", {"lengths": True}, lambda b: ref_sigmoid_norm(b, BETA)),
-    ("sft", {}, lambda b: ref_sft(b, lengths=False)),
+    ("sft", {"sft_form": "per_sequence"}, lambda b: ref_sft(b, lengths=False)),
     ("sft", {"lengths": True}, lambda b: ref_sft(b, lengths=True)),
+    ("cpo", {}, lambda b: ref_cpo(b, BETA, 0.0)),
+    ("cpo", {"label_smoothing": 0.2}, lambda b: ref_cpo(b, BETA, 0.2)),
+    ("orpo", {"lengths": True}, lambda b: ref_orpo(b, BETA)),
+    ("kto", {"labels": True}, lambda b: ref_kto(b, BETA)),
+    (
+        "kto",
+        {"labels": True, "desirable_weight": 1.5, "undesirable_weight": 0.7},
+        lambda b: ref_kto(b, BETA, 1.5, 0.7),
+    ),
 ]
+# What each variant needs passed besides the log-probs, under its default forms.
+NEEDS = {"simpo": "lengths", "sigmoid_norm": "lengths", "orpo": "lengths", "ipo": "lengths"}
+NEEDS.update(sft="lengths", kto="labels", exo_pair="label_smoothing")
+
+
+def needed_kwargs(loss_type):
+    """The keyword arguments a variant cannot run without (lengths, labels or ε)."""
+    need = NEEDS.get(loss_type)
+    if need == "label_smoothing":
+        return {"label_smoothing": 0.1}
+    return {need: True} if need else {}
+
+
 CASE_IDS = [
     f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, kw, _ in CASES
 ]
@@ -184,17 +229,24 @@ def make_batch(seed: int, num_pairs: int = 8) -> dict[str, np.ndarray]:
         "rr": pr + rng.normal(0.0, 8.0, num_pairs),
         "lc": rng.integers(1, 40, num_pairs).astype(np.float64),
         "lr": rng.integers(1, 40, num_pairs).astype(np.float64),
+        "lab": (rng.uniform(size=num_pairs) < 0.5).astype(np.float64),  # kto: 1 = desirable
     }
 
 
 def call_loss(b, loss_type, kwargs, dtype=jnp.float32, **extra):
-    """dpo_loss_fn on batch `b`; kwargs may hold `lengths=True` to pass the token counts."""
+    """dpo_loss_fn on batch `b`; kwargs may hold `lengths=True` to pass the token counts and
+    `labels=True` to pass b["lab"] as kto_labels."""
     kwargs = dict(kwargs)
     if kwargs.pop("lengths", False):
         kwargs["chosen_lengths"] = jnp.asarray(b["lc"], dtype)
         kwargs["rejected_lengths"] = jnp.asarray(b["lr"], dtype)
-    arrays = [jnp.asarray(b[key], dtype) for key in ("pc", "pr", "rc", "rr")]
-    return dpo_loss_fn(*arrays, beta=BETA, loss_type=loss_type, **kwargs, **extra)
+    if kwargs.pop("labels", False):
+        kwargs["kto_labels"] = jnp.asarray(b["lab"] > 0.5)
+    pc, pr, rc, rr = (jnp.asarray(b[key], dtype) for key in ("pc", "pr", "rc", "rr"))
+    arrays = dict(policy_chosen_logps=pc, policy_rejected_logps=pr)
+    arrays.update(ref_chosen_logps=rc, ref_rejected_logps=rr)
+    arrays.update(extra)
+    return dpo_loss_fn(**arrays, beta=BETA, loss_type=loss_type, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +301,11 @@ def test_extreme_margins_stay_finite():
     zeros = jnp.zeros(2)
     loss, _ = dpo_loss_fn(chosen, rejected, zeros, zeros, beta=1.0)
     np.testing.assert_allclose(loss, (4999.0 + 0.0) / 2, rtol=1e-6)
-    for name in ("discopop", "exo_pair", "robust", "nca_pair", "bco_pair", "aot"):
-        value, _ = dpo_loss_fn(chosen, rejected, zeros, zeros, beta=1.0, loss_type=name)
+    for name in ("discopop", "exo_pair", "robust", "nca_pair", "bco_pair", "aot", "cpo"):
+        smoothing = 0.1 if name == "exo_pair" else 0.0
+        value, _ = dpo_loss_fn(
+            chosen, rejected, zeros, zeros, beta=1.0, loss_type=name, label_smoothing=smoothing
+        )
         assert np.isfinite(value), name
 
 
@@ -310,6 +365,8 @@ def test_gradients_match_finite_differences(loss_type, kwargs, reference):
     b = make_batch(8, num_pairs=5)
     kwargs = dict(kwargs)
     use_lengths = kwargs.pop("lengths", False)
+    if kwargs.pop("labels", False):
+        kwargs["kto_labels"] = jnp.asarray(b["lab"] > 0.5)
     if loss_type == "bco_pair":
         # δ₀ is a stop-gradient statistic that finite differences would see move; a huge count
         # freezes it (the batch's weight in it is 1e-15) so both sides differentiate the same.
@@ -324,6 +381,11 @@ def test_gradients_match_finite_differences(loss_type, kwargs, reference):
 
         args = tuple(jnp.asarray(b[key], jnp.float64) for key in ("pc", "pr", "rc", "rr"))
         assert loss(*args).dtype == jnp.float64
+        if loss_type == "kto":
+            # The mismatched side feeds only z₀, a stop-gradient statistic: hold it fixed.
+            pr, rr = args[1], args[3]
+            args, full_loss = (args[0], args[2]), loss
+            loss = lambda pc, rc: full_loss(pc, pr, rc, rr)  # noqa: E731
         check_grads(loss, args, order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
@@ -332,22 +394,26 @@ def test_gradients_match_finite_differences(loss_type, kwargs, reference):
 # ---------------------------------------------------------------------------------------------
 
 # These read the log-probs only through δ = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) −
-# log π_ref(y_l)) (aot through the per-pair policy and reference log-ratios), so a constant that a
-# pair's two responses share cancels.
-SHIFT_INVARIANT = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", "aot"]
-# These read Δc and Δr one at a time (nca_pair, bco_pair, sppo_hard, apo_zero, apo_down), sort
-# Δc and Δr separately so the shift changes which values meet (aot_pair), divide each side by a
-# different length (simpo, sigmoid_norm, length-normalised ipo), or read log π(y_w) alone (sft).
+# log π_ref(y_l)) (aot through the per-pair policy and reference log-ratios, cpo through the
+# policy's log π(y_w) − log π(y_l)), so a constant that a pair's two responses share cancels.
+SHIFT_INVARIANT = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", "aot", "cpo"]
+# Settings under which they are (ipo summed, not per token; exo_pair needs ε > 0).
+INVARIANT_KWARGS = {"ipo": {"ipo_form": "summed"}, "exo_pair": {"label_smoothing": 0.1}}
+# These read Δc and Δr one at a time (nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, kto),
+# sort Δc and Δr separately so the shift changes which values meet (aot_unpaired), divide each
+# side by a different length (simpo, sigmoid_norm, orpo), or read log π(y_w) alone (sft).
 NOT_SHIFT_INVARIANT = [
     "nca_pair",
     "bco_pair",
     "sppo_hard",
     "apo_zero",
     "apo_down",
-    "aot_pair",
+    "aot_unpaired",
     "simpo",
     "sigmoid_norm",
     "sft",
+    "orpo",
+    "kto",
 ]
 
 shift_arrays = st.lists(
@@ -363,17 +429,19 @@ def test_loss_invariant_to_per_pair_constant(loss_type, policy_shift, ref_shift,
     c, d = np.asarray(policy_shift), np.asarray(ref_shift)
     shifted = dict(b, pc=b["pc"] + c, pr=b["pr"] + c, rc=b["rc"] + d, rr=b["rr"] + d)
     with jax.enable_x64(True):
-        loss, _ = call_loss(b, loss_type, {}, dtype=jnp.float64)
-        shifted_loss, _ = call_loss(shifted, loss_type, {}, dtype=jnp.float64)
+        kwargs = INVARIANT_KWARGS.get(loss_type, {})
+        loss, _ = call_loss(b, loss_type, kwargs, dtype=jnp.float64)
+        shifted_loss, _ = call_loss(shifted, loss_type, kwargs, dtype=jnp.float64)
     np.testing.assert_allclose(shifted_loss, loss, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("loss_type", NOT_SHIFT_INVARIANT)
 def test_loss_not_invariant_where_documented(loss_type):
     b = make_batch(9, num_pairs=6)
-    shift = np.array([5.0, -20.0, 30.0, 1.0, -7.0, 12.0])
+    # Negative shifts keep every log-prob below 0 (orpo's log(1 − e^a) needs a < 0).
+    shift = np.array([-5.0, -20.0, -30.0, -1.0, -7.0, -12.0])
     shifted = dict(b, pc=b["pc"] + shift, pr=b["pr"] + shift)
-    kwargs = {"lengths": True} if LOSS_VARIANTS[loss_type].needs_lengths else {}
+    kwargs = needed_kwargs(loss_type)
     loss, _ = call_loss(b, loss_type, kwargs)
     shifted_loss, _ = call_loss(shifted, loss_type, kwargs)
     assert abs(float(shifted_loss) - float(loss)) > 1e-3
@@ -401,7 +469,12 @@ def test_rpo_is_sigmoid_plus_alpha_sft(alpha):
 def test_weighted_sum_of_three_losses():
     # MPO's combination in TRL's docs: sigmoid, bco_pair, sft with weights 0.8, 0.2, 1.0.
     b = make_batch(11)
-    loss, _ = call_loss(b, ["sigmoid", "bco_pair", "sft"], {}, loss_weights=[0.8, 0.2, 1.0])
+    loss, _ = call_loss(
+        b,
+        ["sigmoid", "bco_pair", "sft"],
+        {"sft_form": "per_sequence"},
+        loss_weights=[0.8, 0.2, 1.0],
+    )
     expected = (
         0.8 * ref_sigmoid(b, BETA)
         + 0.2 * ref_bco_pair(b, BETA, 0.0, 0.0)
@@ -419,20 +492,16 @@ def test_loss_weights_default_to_one():
 @pytest.mark.parametrize("loss_type", sorted(LOSS_VARIANTS))
 def test_reference_free_takes_reference_logps_as_zero(loss_type):
     b = make_batch(13)
-    kwargs = {"lengths": True} if LOSS_VARIANTS[loss_type].needs_lengths else {}
+    kwargs = needed_kwargs(loss_type)
     zero_ref = dict(b, rc=np.zeros_like(b["rc"]), rr=np.zeros_like(b["rr"]))
     expected, expected_metrics = call_loss(zero_ref, loss_type, kwargs)
     flagged, flagged_metrics = call_loss(b, loss_type, kwargs, reference_free=True)
     np.testing.assert_allclose(flagged, expected, rtol=1e-6)
-    np.testing.assert_allclose(flagged_metrics["rewards/chosen"], BETA * b["pc"].mean(), rtol=RTOL)
-    lengths = (
-        {"chosen_lengths": jnp.asarray(b["lc"]), "rejected_lengths": jnp.asarray(b["lr"])}
-        if kwargs
-        else {}
+    chosen = b["lab"] > 0.5 if loss_type == "kto" else np.ones_like(b["pc"], bool)
+    np.testing.assert_allclose(
+        flagged_metrics["rewards/chosen"], BETA * b["pc"][chosen].mean(), rtol=RTOL
     )
-    no_ref, _ = dpo_loss_fn(
-        jnp.asarray(b["pc"]), jnp.asarray(b["pr"]), beta=BETA, loss_type=loss_type, **lengths
-    )
+    no_ref, _ = call_loss(b, loss_type, kwargs, ref_chosen_logps=None, ref_rejected_logps=None)
     np.testing.assert_allclose(no_ref, expected, rtol=1e-6)
 
 
@@ -561,6 +630,37 @@ BAD_INPUTS = [
     ({"loss_type": "ipo", "chosen_lengths": P + 1}, "rejected_lengths=None but loss_type 'ipo'"),
     ({"pair_mask": jnp.ones(4, jnp.int32)}, "pair_mask must be a bool array"),
     ({"bco_running_mean": 0.0}, "bco_running_mean=0.0"),
+    (
+        {"loss_type": "bco_pair", "bco_reward_shift": "none", "bco_running_count": 1.0},
+        "bco_reward_shift='none' keeps no running mean",
+    ),
+    ({"bco_reward_shift": "zero"}, "bco_reward_shift='zero' is not one of"),
+    ({"loss_type": "exo_pair"}, "label_smoothing=0.0 must be in (0, 0.5] for loss_type 'exo_pair'"),
+    ({"loss_type": "ipo"}, "chosen_lengths=None but loss_type 'ipo'"),
+    ({"loss_type": "sft"}, "chosen_lengths=None but loss_type 'sft'"),
+    ({"loss_type": "orpo"}, "chosen_lengths=None but loss_type 'orpo'"),
+    ({"ipo_form": "mean"}, "ipo_form='mean' is not one of ('per_token', 'summed')"),
+    ({"sft_form": "sum"}, "sft_form='sum' is not one of"),
+    ({"sigmoid_label_smoothing": "trl"}, "sigmoid_label_smoothing='trl' is not one of"),
+    (
+        {"sigmoid_label_smoothing": "ignore", "label_smoothing": 0.1},
+        "label_smoothing=0.1 is not used by loss_type=['sigmoid'] (sigmoid_label_smoothing=",
+    ),
+    ({"f_divergence_type": "kl"}, "f_divergence_type='kl' is not one of"),
+    (
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.0},
+        "f_alpha_divergence_coef=0.0 must be > 0",
+    ),
+    (
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": -0.5},
+        "f_alpha_divergence_coef=-0.5 must be > 0",
+    ),
+    ({"loss_type": "nca_pair", "f_divergence_type": "forward_kl"}, "is not used by loss_type"),
+    ({"loss_type": "kto"}, "loss_type 'kto' needs kto_labels"),
+    ({"kto_labels": jnp.ones(4, bool)}, "only kto reads them"),
+    ({"loss_type": "kto", "kto_labels": jnp.ones(4)}, "kto_labels must be a bool array"),
+    ({"loss_type": ["kto", "sft"]}, "'kto' reads unpaired completions and cannot be combined"),
+    ({"loss_type": ["aot_pair", "aot_unpaired"]}, "names a loss twice"),
 ]
 
 
