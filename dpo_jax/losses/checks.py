@@ -92,17 +92,29 @@ def check_hyper(names, beta, label_smoothing, discopop_tau, sigmoid_label_smooth
 
 
 def check_f_divergence(names, f_divergence_type: str, alpha) -> None:
+    """Only the variants built on the chosen − rejected score margin (and sft beside them) take an
+    f-divergence: for the others the f-DPO reparameterisation leaves a β·log Z(x) term that does
+    not cancel (TRL 1.16 raises likewise)."""
     if f_divergence_type == "reverse_kl":
         return
-    if not any(LOSS_VARIANTS[name].uses_scores for name in names):
+    unsupported = [n for n in names if not LOSS_VARIANTS[n].uses_scores and n != "sft"]
+    if unsupported or names == ("sft",):
         users = sorted(name for name, variant in LOSS_VARIANTS.items() if variant.uses_scores)
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} is not used by loss_type={list(names)} "
-            f"(it changes {users})"
+            f"(it applies to {users}, with 'sft' beside them)"
         )
     if f_divergence_type == "alpha_divergence" and isinstance(alpha, numbers.Real):
         if not alpha > 0:
             raise ValueError(f"f_alpha_divergence_coef={alpha} must be > 0")
+
+
+def check_weighting(names, wpo_log_weights) -> None:
+    if wpo_log_weights is not None and ({"aot", "aot_unpaired", "kto"} & set(names)):
+        raise ValueError(
+            f"wpo_log_weights with loss_type={list(names)}: aot and aot_unpaired sort the pairs "
+            "(a per-pair weight would meet another pair's loss) and kto is unpaired"
+        )
 
 
 def check_shapes(named_arrays: dict) -> tuple[int, ...]:

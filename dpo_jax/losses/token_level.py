@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 def _slot_positions(scored: jax.Array, segment_ids: jax.Array, num_segments: int):
     """[B, 2, T, S] bool in-slot masks and [B, 2, T, S] 1-based positions among scored tokens."""
-    slots = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)  # [S]
+    slots = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)[None, None, None, :]
     in_slot = (segment_ids[..., None] == slots) & scored[..., None]  # [B, 2, T, S]
     positions = jnp.cumsum(in_slot.astype(jnp.int32), axis=2)  # [B, 2, T, S]
     return in_slot, positions
