@@ -36,6 +36,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the stacked layers' leading axis (the decoder scans over it)
 )
 
 

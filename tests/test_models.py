@@ -47,7 +47,7 @@ CONFIGS = {
         tie_word_embeddings=True,
     ),
 }
-LOGICAL_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", None}
+LOGICAL_NAMES = {"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", None}
 
 
 def _random_params(config, seed=0):

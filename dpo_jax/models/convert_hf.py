@@ -25,13 +25,18 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class _Spec(NamedTuple):
-    """One HF tensor: its name and shape, where it goes in our params, and the two layouts' maps."""
+    """One HF tensor: its name and shape, where it goes in our params, and the two layouts' maps.
+
+    A layer's tensor (`layer` set) is row `layer` of the stacked param at `path` (its leading
+    axis is the layers axis).
+    """
 
     hf_name: str
     hf_shape: tuple[int, ...]
     path: tuple[Any, ...]
     to_param: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None
 
 
 def _identity(x):
@@ -86,21 +91,23 @@ def _norm_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
         yield _Spec(
             f"model.layers.{i}.{hf_norm}.weight",
             (config.hidden_size,),
-            ("layers", i, norm, "scale"),
+            ("layers", norm, "scale"),
             _identity,
             _identity,
+            i,
         )
 
 
 def _attention_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
     d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    attn, path = f"model.layers.{i}.self_attn.", ("layers", i, "attn")
+    attn, path = f"model.layers.{i}.self_attn.", ("layers", "attn")
     for name, heads in (("q", h), ("k", k), ("v", k)):
         yield _Spec(
             f"{attn}{name}_proj.weight",
             (heads * dh, d),
             (*path, f"{name}_kernel"),
             *_linear((heads, dh)),
+            i,
         )
         if config.qkv_bias:
             yield _Spec(
@@ -108,23 +115,31 @@ def _attention_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
                 (heads * dh,),
                 (*path, f"{name}_bias"),
                 *_reshaped((heads, dh)),
+                i,
             )
     yield _Spec(
-        f"{attn}o_proj.weight", (d, h * dh), (*path, "o_kernel"), *_linear_from_heads((h, dh))
+        f"{attn}o_proj.weight", (d, h * dh), (*path, "o_kernel"), *_linear_from_heads((h, dh)), i
     )
     if config.o_bias:
-        yield _Spec(f"{attn}o_proj.bias", (d,), (*path, "o_bias"), _identity, _identity)
+        yield _Spec(f"{attn}o_proj.bias", (d,), (*path, "o_bias"), _identity, _identity, i)
     if config.qk_norm:
         for name in ("q_norm", "k_norm"):
-            yield _Spec(f"{attn}{name}.weight", (dh,), (*path, name, "scale"), _identity, _identity)
+            yield _Spec(
+                f"{attn}{name}.weight", (dh,), (*path, name, "scale"), _identity, _identity, i
+            )
 
 
 def _mlp_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
     d, f = config.hidden_size, config.intermediate_size
-    mlp, path = f"model.layers.{i}.mlp.", ("layers", i, "mlp")
+    mlp, path = f"model.layers.{i}.mlp.", ("layers", "mlp")
     for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
         yield _Spec(
-            f"{mlp}{name}_proj.weight", shape, (*path, f"{name}_kernel"), np.transpose, np.transpose
+            f"{mlp}{name}_proj.weight",
+            shape,
+            (*path, f"{name}_kernel"),
+            np.transpose,
+            np.transpose,
+            i,
         )
 
 
@@ -150,7 +165,8 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any]) -> P
             are [out, in]; RMSNorm weights as stored by transformers (Gemma's offsets from 1).
 
     Returns:
-        Params in the structure of `init_params(config, ...)`, jax arrays in `config.param_dtype`.
+        Params in the structure of `init_params(config, ...)`, jax arrays in `config.param_dtype`;
+        each layer's tensors stacked on the leading layers axis of the params under "layers".
 
     Raises:
         ValueError: a tensor is missing, has the wrong shape (the message names it and both
@@ -158,6 +174,7 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any]) -> P
     """
     dtype = jnp.dtype(config.param_dtype)
     params: dict[str, Any] = {}
+    layer_rows: dict[tuple[Any, ...], list[np.ndarray]] = {}  # stacked param -> its layers' rows
     expected = set()
     for spec in _specs(config):
         expected.add(spec.hf_name)
@@ -170,8 +187,13 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any]) -> P
                 f"tensor {spec.hf_name!r} has shape {shape}, expected {spec.hf_shape} "
                 f"from the {config.family} config"
             )
-        value = spec.to_param(np.asarray(tensor))
-        _set(params, spec.path, jnp.asarray(value, dtype=dtype))
+        value = np.asarray(spec.to_param(np.asarray(tensor)), dtype=dtype)
+        if spec.layer is None:
+            _set(params, spec.path, jnp.asarray(value))
+        else:
+            layer_rows.setdefault(spec.path, []).append(value)  # _specs yields layers in order
+    for path, rows in layer_rows.items():
+        _set(params, path, jnp.asarray(np.stack(rows)))  # [layers, ...]
     unexpected = sorted(
         name
         for name in tensors
@@ -191,7 +213,8 @@ def hf_tensors_from_params(config: ModelConfig, params: Params) -> dict[str, np.
     """The inverse of `params_from_hf_tensors`: transformers-named numpy arrays (contiguous)."""
     tensors = {}
     for spec in _specs(config):
-        value = np.asarray(jax.device_get(_get(params, spec.path)))
+        value = _get(params, spec.path)
+        value = np.asarray(jax.device_get(value if spec.layer is None else value[spec.layer]))
         tensors[spec.hf_name] = np.ascontiguousarray(spec.to_hf(value))
         if tensors[spec.hf_name].shape != spec.hf_shape:
             raise ValueError(

@@ -11,12 +11,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.models import kv_cache, layers
+from dpo_jax.models.blocks import Block, RMSNorm, normal_param
 from dpo_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
 ApplyFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-
-_INIT_STDDEV = 0.02  # transformers' initializer_range default
 
 # Logical axis names of each param, by its leaf name. Kernels are stored in the layout their
 # einsum reads, so the forward has no transposes.
@@ -38,240 +37,41 @@ _LOGICAL_AXES = {
 }
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: str) -> nnx.Param:
-    return nnx.Param(_INIT_STDDEV * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)))
+def _stacked(modules: list[nnx.Module]) -> nnx.Module:
+    """One module whose params are those of `modules` stacked on a new leading axis."""
+    splits = [nnx.split(module) for module in modules]
+    states = [state for _, state in splits]
+    return nnx.merge(splits[0][0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
 
 
-def _zeros(shape: tuple[int, ...], dtype: str) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.dtype(dtype)))
+def _remat_policy(config: ModelConfig):
+    """What the backward pass keeps of a layer: nothing (recompute it all from its input)."""
+    del config
+    return jax.checkpoint_policies.nothing_saveable
 
 
-class RMSNorm(nnx.Module):
-    """RMSNorm with a [N] `scale` (1 at init; 0 for Gemma's (1 + w) convention)."""
-
-    def __init__(self, size: int, config: ModelConfig):
-        init = jnp.zeros if config.norm_plus_one else jnp.ones
-        self.scale = nnx.Param(init((size,), jnp.dtype(config.param_dtype)))
-        self.eps = config.rms_norm_eps
-        self.plus_one = config.norm_plus_one
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return layers.rms_norm(x, self.scale[...], eps=self.eps, plus_one=self.plus_one)
-
-
-class Attention(nnx.Module):
-    """Self-attention: projections, optional q/k norm, RoPE, masked grouped-query attention."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        pd = config.param_dtype
-        self.config = config
-        self.q_kernel = _normal(rngs, (d, h, dh), pd)
-        self.k_kernel = _normal(rngs, (d, k, dh), pd)
-        self.v_kernel = _normal(rngs, (d, k, dh), pd)
-        self.o_kernel = _normal(rngs, (h, dh, d), pd)
-        if config.qkv_bias:
-            self.q_bias = _zeros((h, dh), pd)
-            self.k_bias = _zeros((k, dh), pd)
-            self.v_bias = _zeros((k, dh), pd)
-        if config.o_bias:
-            self.o_bias = _zeros((d,), pd)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(dh, config)
-            self.k_norm = RMSNorm(dh, config)
-
-    def project(
-        self, x: jax.Array, cos_sin: tuple[jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[B, T, D] -> queries [B, T, H, Dh], keys/values [B, T, K, Dh]: biased, normed, rotated.
-
-        The one implementation of the projections, shared by the training forward and decoding.
-        """
-        config = self.config
-        dtype = x.dtype
-        batch, length, _ = x.shape
-        tokens = x.reshape(batch * length, -1)  # [B*T, D]: 2-D GEMMs, see layers.gated_mlp
-
-        def project(kernel):
-            out = jnp.einsum("nd,dhk->nhk", tokens, kernel[...].astype(dtype))
-            return out.reshape(batch, length, *out.shape[1:])  # [B, T, heads, Dh]
-
-        query = project(self.q_kernel)
-        key = project(self.k_kernel)
-        value = project(self.v_kernel)
-        if config.qkv_bias:
-            query = query + self.q_bias[...].astype(dtype)[None, None]
-            key = key + self.k_bias[...].astype(dtype)[None, None]
-            value = value + self.v_bias[...].astype(dtype)[None, None]
-        if config.qk_norm:
-            query = self.q_norm(query)
-            key = self.k_norm(key)
-        return layers.apply_rope(query, *cos_sin), layers.apply_rope(key, *cos_sin), value
-
-    def output(self, attended: jax.Array) -> jax.Array:
-        """Attention outputs [B, T, H, Dh] -> [B, T, D] through the output projection."""
-        batch, length = attended.shape[:2]
-        out = attended.reshape(batch * length, *attended.shape[2:])  # [B*T, H, Dh]
-        out = jnp.einsum("nhk,hkd->nd", out, self.o_kernel[...].astype(attended.dtype))
-        out = out.reshape(batch, length, -1)
-        if self.config.o_bias:
-            out = out + self.o_bias[...].astype(out.dtype)[None, None]
-        return out
-
-    def __call__(
-        self,
-        x: jax.Array,
-        cos_sin: tuple[jax.Array, jax.Array],
-        segment_ids: jax.Array,
-        mask: jax.Array,
-        sliding_window: int | None,
-    ) -> jax.Array:
-        """[B, T, D] -> [B, T, D]; `mask` is [B, T, T] bool (used by the XLA path)."""
-        config = self.config
-        query, key, value = self.project(x, cos_sin)
-        if config.attention_impl == "cudnn":
-            out = layers.cudnn_attention(
-                query,
-                key,
-                value,
-                segment_ids,
-                scale=config.attention_scale,
-                sliding_window=sliding_window,
-            )
-        else:
-            out = layers.dot_product_attention(
-                query,
-                key,
-                value,
-                mask,
-                scale=config.attention_scale,
-                softcap=config.attn_logit_softcapping,
-            )
-        return self.output(out)
-
-    def decode(
-        self,
-        x: jax.Array,
-        cos_sin: tuple[jax.Array, jax.Array],
-        mask: jax.Array,
-        cache_keys: jax.Array,
-        cache_values: jax.Array,
-        index: jax.Array,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Attention of L new tokens over a KV cache (XLA attention, whatever attention_impl).
-
-        Args:
-            x: [N, L, D] normed inputs of the new tokens.
-            cos_sin: RoPE of the new tokens' positions, each [N, L, Dh // 2].
-            mask: [N, L, S] bool over the cache slots after the write.
-            cache_keys, cache_values: [N, S, K, Dh]; the new keys/values go to slots
-                index .. index + L - 1.
-            index: scalar int32, the first slot written.
-
-        Returns:
-            ([N, L, D] outputs, updated keys, updated values).
-        """
-        query, key, value = self.project(x, cos_sin)
-        start = (0, index, 0, 0)
-        cache_keys = jax.lax.dynamic_update_slice(cache_keys, key.astype(cache_keys.dtype), start)
-        cache_values = jax.lax.dynamic_update_slice(
-            cache_values, value.astype(cache_values.dtype), start
-        )
-        out = layers.dot_product_attention(
-            query,
-            cache_keys.astype(query.dtype),
-            cache_values.astype(query.dtype),
-            mask,
-            scale=self.config.attention_scale,
-            softcap=self.config.attn_logit_softcapping,
-        )
-        return self.output(out), cache_keys, cache_values
-
-
-class MLP(nnx.Module):
-    """Gated MLP: SwiGLU (Llama, Mistral, Qwen) or GeGLU (Gemma 3)."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        d, f, pd = config.hidden_size, config.intermediate_size, config.param_dtype
-        self.activation = config.mlp_activation
-        self.gate_kernel = _normal(rngs, (d, f), pd)
-        self.up_kernel = _normal(rngs, (d, f), pd)
-        self.down_kernel = _normal(rngs, (f, d), pd)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        return layers.gated_mlp(
-            x,
-            self.gate_kernel[...].astype(dtype),
-            self.up_kernel[...].astype(dtype),
-            self.down_kernel[...].astype(dtype),
-            self.activation,
-        )
-
-
-class Block(nnx.Module):
-    """One pre-norm decoder layer; Gemma 3 adds a norm after attention and after the MLP."""
-
-    def __init__(self, config: ModelConfig, layer_index: int, rngs: nnx.Rngs):
-        self.sliding = config.layer_types[layer_index] == "sliding_attention"
-        self.sliding_window = config.sliding_window if self.sliding else None
-        self.attn_norm = RMSNorm(config.hidden_size, config)
-        self.attn = Attention(config, rngs)
-        self.mlp_norm = RMSNorm(config.hidden_size, config)
-        self.mlp = MLP(config, rngs)
-        self.post_norms = config.post_norms
-        if config.post_norms:
-            self.post_attn_norm = RMSNorm(config.hidden_size, config)
-            self.post_mlp_norm = RMSNorm(config.hidden_size, config)
-
-    def _residual(self, x: jax.Array, attend: Callable) -> tuple[jax.Array, Any]:
-        """x + attention, then + MLP; `attend(normed) -> (out, extra)` is the attention kind."""
-        attn_out, extra = attend(self.attn_norm(x))
-        if self.post_norms:
-            attn_out = self.post_attn_norm(attn_out)
-        x = x + attn_out
-        mlp_out = self.mlp(self.mlp_norm(x))
-        if self.post_norms:
-            mlp_out = self.post_mlp_norm(mlp_out)
-        return x + mlp_out, extra
-
-    def __call__(self, x: jax.Array, rope: dict, segment_ids: jax.Array, masks: dict) -> jax.Array:
-        kind = "sliding" if self.sliding else "full"
-
-        def attend(normed):
-            out = self.attn(normed, rope[kind], segment_ids, masks[kind], self.sliding_window)
-            return out, None
-
-        return self._residual(x, attend)[0]
-
-    def decode(self, x, rope: dict, masks: dict, keys, values, index):
-        """One layer over L new tokens and this layer's cache; see `Attention.decode`."""
-        kind = "sliding" if self.sliding else "full"
-
-        def attend(normed):
-            out, new_keys, new_values = self.attn.decode(
-                normed, rope[kind], masks[kind], keys, values, index
-            )
-            return out, (new_keys, new_values)
-
-        return self._residual(x, attend)
-
-
-def _block_forward(block: Block, x, rope, segment_ids, masks):
-    return block(x, rope, segment_ids, masks)
+def sliding_flags(config: ModelConfig) -> jax.Array:
+    """[layers] bool: which layers use the sliding window (the scan's per-layer data)."""
+    return jnp.asarray([kind == "sliding_attention" for kind in config.layer_types])
 
 
 class Transformer(nnx.Module):
-    """Decoder-only transformer; `__call__` returns final hidden states and the unembedding."""
+    """Decoder-only transformer; `__call__` returns final hidden states and the unembedding.
+
+    The layers are one `Block` whose params carry a leading `layers` axis, run by
+    `jax.lax.scan` (with the remat policy inside the scanned body), so the compiled program does
+    not grow with depth.
+    """
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
         v, d, pd = config.vocab_size, config.hidden_size, config.param_dtype
-        self.embedding = _normal(rngs, (v, d), pd)
-        self.layers = nnx.List([Block(config, i, rngs) for i in range(config.num_layers)])
+        self.embedding = normal_param(rngs, (v, d), pd)
+        # Built one by one, then stacked: the same random bits as unstacked layers drew.
+        self.layers = _stacked([Block(config, rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(d, config)
         if not config.tie_word_embeddings:
-            self.lm_head = _normal(rngs, (d, v), pd)
+            self.lm_head = normal_param(rngs, (d, v), pd)
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
@@ -283,11 +83,17 @@ class Transformer(nnx.Module):
                 f"attention_impl='cudnn' needs an NVIDIA GPU (backend: {jax.default_backend()}); "
                 "use attention_impl='xla'"
             )
-        x = self._embed(tokens)
         rope, masks = _rope_and_masks(config, positions, segment_ids)
-        block_forward = nnx.remat(_block_forward) if config.remat else _block_forward
-        for block in self.layers:
-            x = block_forward(block, x, rope, segment_ids, masks)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x, layer):
+            layer_params, sliding = layer
+            block = nnx.merge(graphdef, layer_params)
+            return block(x, rope, segment_ids, masks, sliding), None
+
+        if config.remat:
+            body = jax.checkpoint(body, prevent_cse=False, policy=_remat_policy(config))
+        x, _ = jax.lax.scan(body, self._embed(tokens), (stacked, sliding_flags(config)))
         return self.final_norm(x), self._unembedding()
 
     def decode(
@@ -301,17 +107,18 @@ class Transformer(nnx.Module):
             "full": kv_cache.attention_mask(cache, positions, None),
             "sliding": kv_cache.attention_mask(cache, positions, config.sliding_window),
         }
-        x = self._embed(tokens)
-        keys, values = [], []
-        for i, block in enumerate(self.layers):
-            x, (layer_keys, layer_values) = block.decode(
-                x, rope, masks, cache.keys[i], cache.values[i], cache.index
-            )
-            keys.append(layer_keys)
-            values.append(layer_values)
-        cache = cache.replace(
-            keys=jnp.stack(keys), values=jnp.stack(values), index=cache.index + tokens.shape[1]
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x, layer):
+            layer_params, sliding, keys, values = layer
+            block = nnx.merge(graphdef, layer_params)
+            x, new_cache = block.decode(x, rope, masks, keys, values, cache.index, sliding)
+            return x, new_cache
+
+        x, (keys, values) = jax.lax.scan(
+            body, self._embed(tokens), (stacked, sliding_flags(config), cache.keys, cache.values)
         )
+        cache = cache.replace(keys=keys, values=values, index=cache.index + tokens.shape[1])
         return self.final_norm(x), self._unembedding(), cache
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
@@ -441,7 +248,8 @@ def logits(
 def logical_axes(config: ModelConfig) -> dict[str, Any]:
     """Per-dimension logical axis names for every param, in the structure of `init_params`.
 
-    Names: vocab, embed, heads, kv_heads, head_dim, mlp, norm.
+    Names: layers (the leading axis of every param under "layers"), vocab, embed, heads,
+    kv_heads, head_dim, mlp, norm.
     """
     shapes = jax.eval_shape(init_params, config, jax.random.key(0))
 
@@ -450,6 +258,8 @@ def logical_axes(config: ModelConfig) -> dict[str, Any]:
         if name not in _LOGICAL_AXES:
             raise ValueError(f"param {jax.tree_util.keystr(path)} has no logical axes")
         names = _LOGICAL_AXES[name]
+        if path[0].key == "layers":
+            names = ("layers", *names)
         if len(names) != len(leaf.shape):
             raise ValueError(
                 f"param {jax.tree_util.keystr(path)} has shape {leaf.shape}, axes {names}"
