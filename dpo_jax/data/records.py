@@ -21,12 +21,15 @@ class PreferenceText:
       chosen: the preferred response text.
       rejected: the dispreferred response text.
       where: where the record came from, for messages (`data.jsonl:12`, `records[3]`).
+      conversational: True when rendered from messages by a chat template, whose own
+        end-of-turn closes each response (no eos is appended then, as in TRL).
     """
 
     prompt: str
     chosen: str
     rejected: str
     where: str
+    conversational: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,4 +240,4 @@ def _render_conversation(fields: dict, where: str, tokenizer: Any) -> Preference
                 f"response): {prompt_text[-60:]!r} vs {full_text[: len(prompt_text)][-60:]!r}"
             )
         responses.append(full_text[len(prompt_text) :])
-    return PreferenceText(prompt_text, responses[0], responses[1], where)
+    return PreferenceText(prompt_text, responses[0], responses[1], where, conversational=True)

@@ -1,4 +1,4 @@
-"""Tokenise preference pairs: the prompt once, each response apart, joined as tokens, truncated."""
+"""Tokenise preference pairs (prompt and responses apart, or jointly as TRL), then truncate."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from dpo_jax.data.records import (
 )
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+# How the prompt/response boundary is found: "separate" tokenises the prompt and each response
+# apart and joins the ids; "joint" (TRL 1.16) tokenises prompt + response as one text and splits
+# at the common prefix with the prompt's tokens.
+BOUNDARY_MODES = ("separate", "joint")
 PROMPT_TOO_LONG_POLICIES = ("truncate", "drop")
 # Why a record was dropped; every key is always reported, zeros included.
 DROP_REASONS = (
@@ -92,7 +96,11 @@ class TokenizedPair:
 
 
 def check_limits(
-    max_length: int, max_prompt_length: int | None, truncation_mode: str, prompt_too_long: str
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation_mode: str,
+    prompt_too_long: str,
+    boundary: str = "separate",
 ) -> None:
     """Raises ValueError naming the value and the expectation when a limit is invalid."""
     if not isinstance(max_length, int) or max_length < 2:
@@ -108,6 +116,8 @@ def check_limits(
         raise ValueError(
             f"prompt_too_long={prompt_too_long!r} must be one of {PROMPT_TOO_LONG_POLICIES}"
         )
+    if boundary not in BOUNDARY_MODES:
+        raise ValueError(f"boundary={boundary!r} must be one of {BOUNDARY_MODES}")
 
 
 def tokenize_pair(
@@ -119,27 +129,37 @@ def tokenize_pair(
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
+    boundary: str = "separate",
 ) -> TokenizedPair | None:
     """Tokenises and truncates one pair, counting it in `stats`; None when it is dropped.
 
-    The prompt is encoded once and each response apart, then joined as token lists, so the
-    prompt tokens are the same in both rows whatever the responses are. bos is prepended when
-    `tokenizer.add_bos` (unless the rendered prompt already starts with it); eos is appended
-    to each response (unless it already ends with it).
+    The prompt/response boundary (`boundary`):
+      "separate": the prompt is encoded once and each response apart, then joined as token lists,
+        so the prompt tokens are exactly the prompt's encoding whatever the responses are; a
+        prompt ending in a space or newline keeps that character as its own token.
+      "joint" (TRL 1.16's `_prepare_dataset`): prompt + response is encoded as one text and the
+        response starts where it diverges from the prompt's own encoding (the shorter common
+        prefix of the two rows), so tokens merge across the boundary as they would in free text
+        ("▁is" | "▁blue" rather than "▁is" "▁" | "blue"); the prompt's last tokens may then be
+        left out of both rows when a merge crosses the boundary.
+    bos is prepended when `tokenizer.add_bos` (unless the text already starts with it). eos is
+    appended to each response of a non-conversational record (unless it already ends with it);
+    a conversational record's responses end with the chat template's own end-of-turn, and get
+    none, as in TRL.
 
     Truncation, in order:
       1. a prompt over `max_prompt_length` tokens is dropped (`prompt_too_long="drop"`) or cut to
-         that length: "keep_end" keeps its last tokens (after the bos, which stays), "keep_start"
-         its first;
+         that length: "keep_end" keeps its last tokens (after the bos, which stays; the
+         `max_prompt_length` behaviour of TRL before 1.0), "keep_start" its first;
       2. each response is cut at its end to `max_length - len(prompt)` tokens (its eos may go).
-    A pair with no response token left, or whose two responses became identical, is dropped.
+    Without `max_prompt_length`, step 2 alone is TRL 1.16's default truncation ("keep_start": the
+    row's first max_length tokens, a prompt that fills them dropped). A pair with no response token
+    left, or whose two responses became identical, is dropped.
     """
     stats.records += 1
     reason = _text_problem(text)
     if reason is None:
-        prompt_ids = _encode_prompt(text.prompt, tokenizer)
-        chosen_ids = _encode_response(text.chosen, tokenizer)
-        rejected_ids = _encode_response(text.rejected, tokenizer)
+        prompt_ids, chosen_ids, rejected_ids = _encode_pair(text, tokenizer, boundary)
         if not prompt_ids:
             reason = "empty_prompt"
         elif not text.chosen or not text.rejected or not chosen_ids or not rejected_ids:
@@ -184,6 +204,7 @@ def tokenize_records(
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
+    boundary: str = "separate",
 ) -> tuple[list[TokenizedPair], DataStats]:
     """Normalises and tokenises every record; returns the kept pairs and the counts.
 
@@ -192,15 +213,19 @@ def tokenize_records(
       tokenizer: a `dpo_jax.tokenizer.Tokenizer`.
       max_length: most tokens in a row (prompt + response).
       max_prompt_length: most prompt tokens (bos included), or None.
-      truncation_mode: "keep_end" (keep the prompt's last tokens, as TRL) or "keep_start".
+      truncation_mode: how a prompt over max_prompt_length is cut: "keep_end" keeps its last
+        tokens (bos first; older TRL's max_prompt_length rule), "keep_start" its first. TRL 1.16
+        has no max_prompt_length and defaults to "keep_start" on the whole row, which is what
+        max_prompt_length=None gives here whatever the mode.
       prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length.
       response_marker: for implicit-prompt records, the marker after which the prompt ends
         ("" for none; see `records.split_common_prefix`).
+      boundary: "separate" or "joint" (TRL's); see `tokenize_pair`.
 
     Raises:
       ValueError, TypeError: a malformed record or an invalid limit (see `normalize_record`).
     """
-    check_limits(max_length, max_prompt_length, truncation_mode, prompt_too_long)
+    check_limits(max_length, max_prompt_length, truncation_mode, prompt_too_long, boundary)
     stats = DataStats()
     pairs = []
     for raw in raw_records:
@@ -213,6 +238,7 @@ def tokenize_records(
             max_prompt_length=max_prompt_length,
             truncation_mode=truncation_mode,
             prompt_too_long=prompt_too_long,
+            boundary=boundary,
         )
         if pair is not None:
             pairs.append(pair)
@@ -235,11 +261,35 @@ def _encode_prompt(prompt: str, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _encode_response(response: str, tokenizer: Any) -> list[int]:
-    ids = list(tokenizer.encode(response)) if response else []
-    if ids and tokenizer.eos_id is not None and ids[-1] != tokenizer.eos_id:
-        ids.append(tokenizer.eos_id)
+def _with_eos(ids: list[int], tokenizer: Any, add_eos: bool) -> list[int]:
+    if add_eos and ids and tokenizer.eos_id is not None and ids[-1] != tokenizer.eos_id:
+        return [*ids, tokenizer.eos_id]
     return ids
+
+
+def _common_prefix_length(first: list[int], second: list[int]) -> int:
+    length = 0
+    while length < min(len(first), len(second)) and first[length] == second[length]:
+        length += 1
+    return length
+
+
+def _encode_pair(text: PreferenceText, tokenizer: Any, boundary: str):
+    """(prompt_ids, chosen_ids, rejected_ids) as lists, by the boundary mode (see tokenize_pair)."""
+    add_eos = not text.conversational
+    prompt_ids = _encode_prompt(text.prompt, tokenizer)
+    if boundary == "separate":
+        responses = [
+            _with_eos(list(tokenizer.encode(response)) if response else [], tokenizer, add_eos)
+            for response in (text.chosen, text.rejected)
+        ]
+        return prompt_ids, *responses
+    rows = [
+        _with_eos(_encode_prompt(text.prompt + response, tokenizer), tokenizer, add_eos)
+        for response in (text.chosen, text.rejected)
+    ]
+    prompt_length = min(_common_prefix_length(prompt_ids, row) for row in rows)
+    return prompt_ids[:prompt_length], rows[0][prompt_length:], rows[1][prompt_length:]
 
 
 def _cut_prompt(ids: list[int], limit: int, truncation_mode: str, tokenizer: Any) -> list[int]:

@@ -61,8 +61,9 @@ CONVERSATION = {
         (
             CONVERSATION,
             {"max_length": 10},
-            [1, 14, 4, 5, 6, 16, 15, 7, 16, 2],
-            [1, 14, 4, 5, 6, 16, 15, 8, 9, 16],  # response cut at max_length: its eos is gone
+            # each response ends with the template's <end> and gets no eos (as in TRL)
+            [1, 14, 4, 5, 6, 16, 15, 7, 16, 0],
+            [1, 14, 4, 5, 6, 16, 15, 8, 9, 16],
         ),
         # keep_end: bos, then the prompt's last 2 tokens
         (

@@ -1,4 +1,4 @@
-"""Tokenising pairs: token layout per record shape, truncation modes, and every drop counted.
+"""Tokenising pairs: layout per record shape and boundary mode, truncation, every drop counted.
 
 Ids (tiny_tokenizers.VOCAB): <pad>=0 <bos>=1 <eos>=2 a=4 b=5 c=6 d=7 e=8 f=9 g=10 h=11
 Human:=12 Assistant:=13 <user>=14 <assistant>=15 <end>=16.
@@ -57,7 +57,30 @@ def test_conversational_layout_has_one_bos():
         "rejected": [{"role": "assistant", "content": "c d"}],
     }
     (pair,), _ = _tokenize([record])
-    assert _as_lists(pair) == ([1, 14, 4, 16, 15], [5, 16, 2], [6, 7, 16, 2])
+    # Each response ends with the template's own "<end>" and gets no eos (TRL adds eos only to
+    # non-conversational records).
+    assert _as_lists(pair) == ([1, 14, 4, 16, 15], [5, 16], [6, 7, 16])
+
+
+@pytest.mark.parametrize("boundary", ["separate", "joint"])
+def test_conversational_responses_get_no_eos_in_either_boundary_mode(boundary):
+    record = {
+        "prompt": [{"role": "user", "content": "a"}],
+        "chosen": [{"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "assistant", "content": "c"}],
+    }
+    (pair,), _ = _tokenize([record], boundary=boundary)
+    assert _as_lists(pair) == ([1, 14, 4, 16, 15], [5, 16], [6, 16])
+
+
+def test_joint_boundary_splits_at_the_common_prefix():
+    # Word-level tokens never merge across the boundary, so "joint" gives the same rows as
+    # "separate"; a prompt whose last word the responses extend ("a b" + "c" vs "a b" + " d")
+    # still starts each response after the shared "a b".
+    records = [{"prompt": "a b ", "chosen": "c d", "rejected": "e"}]
+    (joint,), _ = _tokenize(records, boundary="joint")
+    (separate,), _ = _tokenize(records, boundary="separate")
+    assert _as_lists(joint) == _as_lists(separate) == ([1, 4, 5], [6, 7, 2], [8, 2])
 
 
 @pytest.mark.parametrize(
@@ -167,6 +190,7 @@ def test_stats_report_every_key():
         ),
         ({"truncation_mode": "left"}, "truncation_mode='left' must be one of"),
         ({"prompt_too_long": "skip"}, "prompt_too_long='skip' must be one of"),
+        ({"boundary": "merged"}, "boundary='merged' must be one of"),
     ],
 )
 def test_invalid_limits_are_errors(limits, message):
