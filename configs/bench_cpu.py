@@ -83,7 +83,7 @@ def bench_fields(*, prompt_length: int, response_length: int) -> ml_collections.
     # Names: default, bfloat16, float32, remat, no_remat, chunked, full_logits, cudnn,
     # xla_attention, precomputed_ref. A variant equal to the default (e.g. "float32" when the
     # default already is) is still run; cudnn is reported as n/a off GPU.
-    bench.variants = "default,bfloat16,remat,chunked,cudnn,precomputed_ref"
+    bench.variants = "default,bfloat16,remat,chunked,cudnn,precomputed_ref,tr_dpo,reference_free"
     bench.chunk_size = 1024  # logits_chunk_size of the "chunked" variant (token rows per chunk)
     bench.peak_matmul_size = 2048  # n of the n³ jnp.dot in the compute dtype that defines peak
     bench.peak_repeats = 3  # timed dots before each timed step; their median is that step's peak

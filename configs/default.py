@@ -97,9 +97,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dpo.loss_weights = ""  # "w1,w2" for a list of losses; "" = all 1
     config.dpo.beta = 0.1  # β > 0, the KL-penalty strength
     config.dpo.label_smoothing = 0.0  # ε, assumed label-flip rate (cDPO, robust, ...)
-    config.dpo.reference = "in_step"  # "in_step" (ref forward in the step) or "precomputed"
-    config.dpo.ref_sync_every = 0  # TR-DPO: ref <- α·policy + (1−α)·ref every N steps; 0 = off
-    config.dpo.ref_sync_alpha = 0.6  # TR-DPO α in [0, 1]
+    # The reference (dpo_jax.reference): "frozen" (its forward in the step), "precomputed" (one
+    # pass before DPO, then its params are freed), "moving" (TR-DPO), "none" (log π_ref = 0).
+    # Losses that read no reference (simpo, sft) always run with "none".
+    config.dpo.reference = "frozen"  # "frozen", "precomputed", "moving", "none"
+    config.dpo.ref_sync_every = 0  # reference="moving": ref <- α·policy + (1−α)·ref every N steps
+    config.dpo.ref_sync_alpha = 0.6  # reference="moving": TR-DPO α in [0, 1]
 
     # Optimizer (of the DPO stage; the SFT stage shares it but for its rate and warmup)
     config.optimizer = ml_collections.ConfigDict()
@@ -172,6 +175,7 @@ def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     elif variant == "precomputed_ref":
         config.dpo.reference = "precomputed"
     elif variant == "tr_dpo":
+        config.dpo.reference = "moving"
         config.dpo.ref_sync_every = 16
         config.dpo.ref_sync_alpha = 0.6
     elif variant == "packed":

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from dpo_jax import checkpoint, sharding
+from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
 from dpo_jax.metrics_log import MetricsWriter, ProgressBar
 
@@ -29,10 +30,8 @@ class Stage:
       num_steps: optimizer steps.
       options: the step's static loss options.
       tx, schedule: the optimizer and its learning-rate schedule.
-      ref_params: the frozen reference given to update_fn, or None (SFT, precomputed ref_logps,
-        or TR-DPO, whose moving reference lives in the state).
-      eval_ref_params: the reference for evaluation, or None (SFT, or batches carry ref_logps).
-      sync_reference: TR-DPO: start the state's own reference as a copy of the initial params.
+      reference: the stage's reference, one value of `dpo_jax.reference` (frozen, precomputed,
+        moving or none); train and eval read it the same way.
       train_batches: iterator of host batches with get_state/set_state.
       eval_batches: list of host batches (possibly empty).
     """
@@ -42,9 +41,7 @@ class Stage:
     options: step_lib.LossOptions
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    ref_params: Any
-    eval_ref_params: Any
-    sync_reference: bool
+    reference: reference_lib.Reference
     train_batches: Any
     eval_batches: list
     eval_step: Any = None  # the compiled eval_fn, made on first use and kept
@@ -76,9 +73,9 @@ def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        # A fresh copy: jit outputs never alias a non-donated input, so the moving reference
-        # and the policy are distinct buffers.
-        ref_params=params if stage.sync_reference else None,
+        # A moving reference starts as the initial policy, in buffers of its own (at most one
+        # jit output can take over a donated input's buffers).
+        reference_params=reference_lib.initial_state(stage.reference, params),
         bco_running_mean=bco,
         bco_running_count=bco,
     )
@@ -99,7 +96,7 @@ def state_shardings(abstract_state: step_lib.TrainState, stage: Stage, ctx: Cont
         step=replicated,
         params=ctx.param_shardings,
         opt_state=opt_shardings,
-        ref_params=ctx.param_shardings if stage.sync_reference else None,
+        reference_params=reference_lib.state_shardings(stage.reference, ctx.param_shardings),
         bco_running_mean=bco,
         bco_running_count=bco,
     )
@@ -120,11 +117,27 @@ def _placed_init(stage: Stage, initial_params: Any, ctx: Context):
 
 def init_state(stage: Stage, initial_params: Any, ctx: Context) -> step_lib.TrainState:
     """A fresh state at step 0, compiled with `out_shardings` from `jax.eval_shape`, so every
-    array is created in place on its devices (never built on the host and then moved)."""
+    array is created in place on its devices (never built on the host and then moved).
+
+    `initial_params` are donated to the state (the policy takes over their buffers, so one copy
+    exists, not two) unless the stage's reference holds them (a frozen reference).
+    """
     init, _, shardings = _placed_init(stage, initial_params, ctx)
-    return jax.jit(init, in_shardings=(ctx.param_shardings,), out_shardings=shardings)(
-        initial_params
-    )
+    donate = () if reference_lib.holds_params(stage.reference) else (0,)
+    return jax.jit(
+        init,
+        in_shardings=(ctx.param_shardings,),
+        out_shardings=shardings,
+        donate_argnums=donate,
+    )(initial_params)
+
+
+def _release(stage: Stage, initial_params: Any) -> None:
+    """Frees `initial_params` on resume, unless the reference holds them: the restored state
+    has its own params, and nothing else reads these (as `init_state` would have donated them)."""
+    if not reference_lib.holds_params(stage.reference):
+        for leaf in jax.tree.leaves(initial_params):
+            leaf.delete()
 
 
 def restore_or_init(manager, stage: Stage, initial_params: Any, ctx: Context):
@@ -133,6 +146,7 @@ def restore_or_init(manager, stage: Stage, initial_params: Any, ctx: Context):
     _, placed, _ = _placed_init(stage, initial_params, ctx)
     restored = checkpoint.restore_latest(manager, placed)
     if restored is not None:
+        _release(stage, initial_params)
         return restored
     return init_state(stage, initial_params, ctx), jax.random.key(ctx.seed), None
 
@@ -151,13 +165,12 @@ def compile_update(stage: Stage, ctx: Context, state_sharding: Any, sample_batch
         options=stage.options,
         mesh=ctx.mesh,
     )
-    ref_sharding = None if stage.ref_params is None else ctx.param_shardings
     replicated = sharding.replicated(ctx.mesh)
     return jax.jit(
         update,
         in_shardings=(
             state_sharding,
-            ref_sharding,
+            reference_lib.shardings(stage.reference, ctx.param_shardings),
             sharding.batch_shardings(sample_batch, ctx.mesh),
             replicated,
         ),
@@ -169,22 +182,30 @@ def compile_update(stage: Stage, ctx: Context, state_sharding: Any, sample_batch
 def compile_eval(stage: Stage, ctx: Context, sample_batch: dict):
     """The jitted eval_fn of a stage (metrics only, nothing donated)."""
     evaluate = functools.partial(step_lib.eval_fn, apply_fn=ctx.apply_fn, options=stage.options)
-    ref_sharding = None if stage.eval_ref_params is None else ctx.param_shardings
     return jax.jit(
         evaluate,
         in_shardings=(
             ctx.param_shardings,
-            ref_sharding,
+            reference_lib.shardings(stage.reference, ctx.param_shardings),
+            reference_lib.state_shardings(stage.reference, ctx.param_shardings),
             sharding.batch_shardings(sample_batch, ctx.mesh),
         ),
         out_shardings=sharding.replicated(ctx.mesh),
     )
 
 
-def evaluate(stage: Stage, params: Any, ctx: Context) -> dict[str, float]:
+def evaluate(stage: Stage, params: Any, reference_params: Any, ctx: Context) -> dict[str, float]:
     """Metrics over the stage's eval batches, each batch weighted by its number of pairs.
 
-    Returns an empty dict when the stage has no eval batches.
+    Args:
+      stage: the stage (its reference and eval batches).
+      params: the policy params to evaluate.
+      reference_params: `TrainState.reference_params` (the moving reference's current params),
+        or, before training, `dpo_jax.reference.initial_state(stage.reference, params)`.
+      ctx: the shared context.
+
+    Returns:
+      Pair-weighted means of the eval metrics; an empty dict when the stage has no eval batches.
     """
     batches = stage.eval_batches
     if ctx.num_eval_batches:
@@ -194,7 +215,9 @@ def evaluate(stage: Stage, params: Any, ctx: Context) -> dict[str, float]:
     if stage.eval_step is None:
         stage.eval_step = compile_eval(stage, ctx, batches[0])
     results = [
-        stage.eval_step(params, stage.eval_ref_params, sharding.put_batch(batch, ctx.mesh))
+        stage.eval_step(
+            params, stage.reference, reference_params, sharding.put_batch(batch, ctx.mesh)
+        )
         for batch in batches
     ]
     results = jax.device_get(results)
@@ -211,6 +234,9 @@ def evaluate(stage: Stage, params: Any, ctx: Context) -> dict[str, float]:
 
 def run_stage(stage: Stage, initial_params: Any, ctx: Context):
     """Trains a stage to `stage.num_steps`, resuming from its checkpoints.
+
+    `initial_params` are consumed (donated to the state, or freed on resume) unless the stage's
+    reference holds them; do not use them after this call.
 
     Returns:
       (final state, train history): the history lists the fetched train metrics of this run
@@ -252,7 +278,7 @@ def _train_loop(stage, ctx, state, rng, start, manager, writer, bar):
         if update is None:
             update = compile_update(stage, ctx, state_shardings_of(state), host_batch)
         state, metrics = update(
-            state, stage.ref_params, sharding.put_batch(host_batch, ctx.mesh), rng
+            state, stage.reference, sharding.put_batch(host_batch, ctx.mesh), rng
         )
         # host_batch is this host's slice; every host holds an equal slice of the global batch.
         tokens += jax.process_count() * int(np.count_nonzero(host_batch["segment_ids"]))
@@ -266,7 +292,8 @@ def _train_loop(stage, ctx, state, rng, start, manager, writer, bar):
             tokens, last_time = 0, now
         bar.update()
         if ctx.eval_every and done % ctx.eval_every == 0 and stage.eval_batches:
-            writer.write(done, evaluate(stage, state.params, ctx), split="eval")
+            metrics_eval = evaluate(stage, state.params, state.reference_params, ctx)
+            writer.write(done, metrics_eval, split="eval")
         checkpoint.save(
             manager,
             done,

@@ -1,5 +1,8 @@
 """The pure training and evaluation steps: TrainState, update_fn, eval_fn, ref_logps_fn.
 
+The reference model is one value of `dpo_jax.reference` (frozen, precomputed, moving or none);
+the steps read it only through that module's functions, never by checking what is None.
+
 Everything here is a module-level function of arrays and static options; `dpo_jax.train` binds
 the static parts with `functools.partial` and calls `jax.jit` once per function.
 
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dpo_jax import reference as reference_lib
 from dpo_jax.logprobs import logprob_fn
 from dpo_jax.losses import dpo_loss_fn
 from dpo_jax.sharding import BATCH_AXES
@@ -39,8 +43,9 @@ class TrainState:
       step: [] int32, optimizer updates done.
       params: the policy's params (a nested dict of arrays).
       opt_state: optax state of the policy params only.
-      ref_params: None, except with TR-DPO sync, where the moving reference lives here (and is
-        checkpointed with the state); a frozen reference is an argument of update_fn instead.
+      reference_params: the reference's part of the state, `dpo_jax.reference.initial_state`:
+        the moving reference's params with TR-DPO (checkpointed with the state), else None (a
+        frozen reference is the step's `reference` argument, never part of the state).
       bco_running_mean: [] float32, bco_pair's running mean reward δ₀ (0 for other losses).
       bco_running_count: [] float32, batches that mean has seen.
     """
@@ -48,7 +53,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-    ref_params: Any = None
+    reference_params: Any = None
     bco_running_mean: jax.Array | None = None
     bco_running_count: jax.Array | None = None
 
@@ -62,11 +67,8 @@ class LossOptions:
       loss_weights: one weight per name, or None (all 1).
       beta: β.
       label_smoothing: ε.
-      use_reference: whether the loss reads reference log-probs (False for SFT and SimPO).
       logits_chunk_size: rows per chunk of the chunked log-prob path; None: full logits.
       num_microbatches: micro-batches per step (gradient accumulation), >= 1.
-      ref_sync_every: TR-DPO: mix the reference towards the policy every N steps; 0: never.
-      ref_sync_alpha: TR-DPO α: ref <- α·policy + (1 − α)·ref.
       final_logit_softcapping: the model's cap·tanh(logits / cap) on logits, or None.
     """
 
@@ -74,11 +76,8 @@ class LossOptions:
     loss_weights: tuple[float, ...] | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
-    use_reference: bool = True
     logits_chunk_size: int | None = None
     num_microbatches: int = 1
-    ref_sync_every: int = 0
-    ref_sync_alpha: float = 0.6
     final_logit_softcapping: float | None = None
 
     @property
@@ -103,30 +102,22 @@ def _flat(values: jax.Array, side: int) -> jax.Array:
     return values[:, side, :].reshape(-1)
 
 
-def reference_logps(
-    apply_fn: Callable, ref_params: Any, batch: dict[str, jax.Array], options: LossOptions
-) -> jax.Array:
-    """[B, 2, S] float32 reference log-probs: from `batch["ref_logps"]` or a frozen forward.
-
-    `ref_params` is wrapped in `stop_gradient` as a second guard: it is never differentiated
-    (update_fn differentiates the policy params only), so no gradient can reach it.
-    """
-    if "ref_logps" in batch:
-        return batch["ref_logps"]
-    frozen = jax.lax.stop_gradient(ref_params)
-    logps = logprob_fn(
-        apply_fn,
-        frozen,
-        batch,
-        logits_chunk_size=options.logits_chunk_size,
-        final_logit_softcapping=options.final_logit_softcapping,
-    ).logps
-    return jax.lax.stop_gradient(logps)
+def _forward_logps(apply_fn: Callable, options: LossOptions, batch: dict[str, jax.Array]):
+    """params -> [B, 2, S] summed log-probs of `batch` (the reference's forward)."""
+    return lambda params: (
+        logprob_fn(
+            apply_fn,
+            params,
+            batch,
+            logits_chunk_size=options.logits_chunk_size,
+            final_logit_softcapping=options.final_logit_softcapping,
+        ).logps
+    )
 
 
 def loss_and_metrics(
     params: Any,
-    ref_params: Any,
+    reference: reference_lib.Reference,
     batch: dict[str, jax.Array],
     bco_state: tuple[jax.Array, jax.Array] | None,
     *,
@@ -137,8 +128,7 @@ def loss_and_metrics(
 
     Args:
       params: policy params (differentiated).
-      ref_params: frozen reference params, or None when the batch carries `ref_logps` or the loss
-        uses no reference.
+      reference: a bound reference (`dpo_jax.reference.bind`): frozen, precomputed or none.
       batch: tokens, response_mask, positions, segment_ids [B, 2, T]; pair_mask [B, S];
         optionally ref_logps [B, 2, S].
       bco_state: (running mean, running count) for bco_pair, else None.
@@ -156,10 +146,8 @@ def loss_and_metrics(
         logits_chunk_size=options.logits_chunk_size,
         final_logit_softcapping=options.final_logit_softcapping,
     )
-    ref_chosen = ref_rejected = None
-    if options.use_reference:
-        ref_logps = reference_logps(apply_fn, ref_params, batch, options)  # [B, 2, S]
-        ref_chosen, ref_rejected = _flat(ref_logps, 0), _flat(ref_logps, 1)
+    forward = _forward_logps(apply_fn, options, batch)
+    ref_logps = reference_lib.reference_logps(reference, batch, forward)  # [B, 2, S]
     lengths = {}
     if options.needs_lengths:
         lengths = dict(
@@ -173,8 +161,8 @@ def loss_and_metrics(
     loss, metrics = dpo_loss_fn(
         _flat(policy.logps, 0),  # [B·S]
         _flat(policy.logps, 1),
-        ref_chosen,
-        ref_rejected,
+        _flat(ref_logps, 0),
+        _flat(ref_logps, 1),
         beta=options.beta,
         loss_type=options.loss_type,
         label_smoothing=options.label_smoothing,
@@ -191,19 +179,19 @@ def loss_and_metrics(
 
 
 def _grads_and_metrics(
-    params, ref_params, batch, bco_state, *, apply_fn, options, mesh
+    params, reference, batch, bco_state, *, apply_fn, options, mesh
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of the loss wrt the policy params, over `options.num_microbatches` slices."""
     grad_fn = jax.grad(loss_and_metrics, has_aux=True)
     kwargs = dict(apply_fn=apply_fn, options=options)
     if options.num_microbatches == 1:
-        return grad_fn(params, ref_params, batch, bco_state, **kwargs)
+        return grad_fn(params, reference, batch, bco_state, **kwargs)
     micro = _split_microbatches(batch, options.num_microbatches, mesh)
     total_pairs = jnp.maximum(jnp.sum(batch["pair_mask"]), 1)
 
     def body(carry, micro_batch):
         grad_sum, bco = carry
-        grads, metrics = grad_fn(params, ref_params, micro_batch, bco, **kwargs)
+        grads, metrics = grad_fn(params, reference, micro_batch, bco, **kwargs)
         weight = jnp.sum(micro_batch["pair_mask"]) / total_pairs  # pairs of this slice / all
         grad_sum = jax.tree.map(lambda g, acc: acc + weight * g, grads, grad_sum)
         if bco is not None:
@@ -242,7 +230,7 @@ def _split_microbatches(batch: dict[str, jax.Array], num: int, mesh: Mesh) -> di
 
 def update_fn(
     state: TrainState,
-    ref_params: Any,
+    reference: reference_lib.Reference,
     batch: dict[str, jax.Array],
     rng: jax.Array,
     *,
@@ -256,8 +244,8 @@ def update_fn(
 
     Args:
       state: the train state (donated by the caller).
-      ref_params: the frozen reference params, or None (precomputed `ref_logps` in the batch, a
-        reference-free loss, or TR-DPO, whose reference is `state.ref_params`).
+      reference: the stage's reference (`dpo_jax.reference`); never donated. A moving one reads
+        its params from `state.reference_params`.
       batch: see `loss_and_metrics`; arrays sharded over the batch axes.
       rng: the run's base key; this step uses `fold_in(rng, state.step)` (the models here are
         deterministic, so it is folded but not consumed; dropout would take it from here).
@@ -268,48 +256,38 @@ def update_fn(
       num_tokens.
     """
     del rng  # the step's key would be jax.random.fold_in(rng, state.step); nothing samples yet
-    if state.ref_params is not None:
-        if ref_params is not None:
-            raise ValueError("TR-DPO keeps the reference in the state; pass ref_params=None")
-        ref_params = state.ref_params
+    bound = reference_lib.bind(reference, state.reference_params)
     bco_state = None
     if options.uses_bco:
         bco_state = (state.bco_running_mean, state.bco_running_count)
     grads, metrics = _grads_and_metrics(
-        state.params, ref_params, batch, bco_state, apply_fn=apply_fn, options=options, mesh=mesh
+        state.params, bound, batch, bco_state, apply_fn=apply_fn, options=options, mesh=mesh
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     metrics["num_tokens"] = batch_tokens(batch)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        reference_params=reference_lib.advance(
+            reference, state.reference_params, params, state.step + 1
+        ),
+    )
     if options.uses_bco:
         new_state = new_state.replace(
             bco_running_mean=metrics["bco/running_mean"],
             bco_running_count=metrics["bco/running_count"],
         )
-    if state.ref_params is not None and options.ref_sync_every:
-        new_state = new_state.replace(ref_params=_sync_reference(new_state, options))
     return new_state, metrics
-
-
-def _sync_reference(state: TrainState, options: LossOptions) -> Any:
-    """TR-DPO soft update at every `ref_sync_every`-th step: ref <- α·policy + (1 − α)·ref."""
-    alpha = options.ref_sync_alpha
-
-    def mix(ref_params):
-        return jax.tree.map(
-            lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), state.params, ref_params
-        )
-
-    due = state.step % options.ref_sync_every == 0
-    return jax.lax.cond(due, mix, lambda ref_params: ref_params, state.ref_params)
 
 
 def eval_fn(
     params: Any,
-    ref_params: Any,
+    reference: reference_lib.Reference,
+    reference_params: Any,
     batch: dict[str, jax.Array],
     *,
     apply_fn: Callable,
@@ -317,11 +295,18 @@ def eval_fn(
 ) -> dict[str, jax.Array]:
     """Metrics of `loss_and_metrics` on one batch, without a gradient or an update.
 
-    bco_pair is evaluated with its running mean at 0 (the eval carries no state).
+    `reference_params` is what `TrainState.reference_params` holds (or would hold at step 0), so
+    a moving reference is evaluated at its current params, as the step reads it. bco_pair is
+    evaluated with its running mean at 0 (the eval carries no state).
     """
     bco_state = (jnp.zeros((), jnp.float32),) * 2 if options.uses_bco else None
     _, metrics = loss_and_metrics(
-        params, ref_params, batch, bco_state, apply_fn=apply_fn, options=options
+        params,
+        reference_lib.bind(reference, reference_params),
+        batch,
+        bco_state,
+        apply_fn=apply_fn,
+        options=options,
     )
     metrics["num_tokens"] = batch_tokens(batch)
     return metrics

@@ -5,7 +5,6 @@ it). It reads top to bottom; below it, each named helper does one thing, and eve
 this module takes explicit arguments, never the ConfigDict.
 """
 
-import dataclasses
 import functools
 import os
 import time
@@ -15,6 +14,7 @@ import jax
 import ml_collections
 
 from dpo_jax import checkpoint, ref_logps, sharding
+from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
 from dpo_jax.data import synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
@@ -25,8 +25,10 @@ from dpo_jax.stage import Context, Stage, evaluate, run_stage
 from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
 
 MODEL_SOURCES = ("random", "hf", "gguf")
-REFERENCES = ("in_step", "precomputed")
-# Losses that read no reference log-probs (SimPO ignores them, SFT is NLL).
+# config.dpo.reference: the kinds of dpo_jax.reference.
+REFERENCES = tuple(reference_lib.KINDS)
+# Losses that read no reference log-probs (SimPO ignores them, SFT is NLL): with only these, the
+# stage builds no reference at all, whatever config.dpo.reference says.
 REFERENCE_FREE_LOSSES = ("simpo", "sft")
 # The metrics in the summary table, in order.
 SUMMARY_METRICS = (
@@ -66,14 +68,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sft_summary = {}
     if config.sft.num_steps:
         sft_stage = make_sft_stage(config, tokenizer, ctx, sources, data_counts)
-        sft_summary["eval_before"] = evaluate(sft_stage, params, ctx)
+        sft_summary["eval_before"] = evaluate(sft_stage, params, None, ctx)
         params = run_stage(sft_stage, params, ctx)[0].params
-        sft_summary["eval_after"] = evaluate(sft_stage, params, ctx)
+        sft_summary["eval_after"] = evaluate(sft_stage, params, None, ctx)
 
+    # The DPO stage's reference is the model DPO starts from: held by a frozen reference, read
+    # once and released by a precomputed one, copied into the state by a moving one.
     dpo_stage = make_dpo_stage(config, tokenizer, ctx, sources, params, data_counts)
-    before = evaluate(dpo_stage, params, ctx)
-    dpo_state, train_history = run_stage(dpo_stage, params, ctx)
-    after = evaluate(dpo_stage, dpo_state.params, ctx)
+    initial_ref_state = reference_lib.initial_state(dpo_stage.reference, params)
+    before = evaluate(dpo_stage, params, initial_ref_state, ctx)
+    del initial_ref_state
+    dpo_state, train_history = run_stage(dpo_stage, params, ctx)  # consumes params
+    del params
+    after = evaluate(dpo_stage, dpo_state.params, dpo_state.reference_params, ctx)
 
     if config.checkpoint.export_hf and jax.process_index() == 0:
         checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, dpo_state.params)
@@ -114,10 +121,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.model.source='hf' needs config.model.hf_path (a model directory)")
     if config.dpo.reference not in REFERENCES:
         raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; allowed: {REFERENCES}")
-    if config.dpo.reference == "precomputed" and config.dpo.ref_sync_every:
+    if (config.dpo.reference == "moving") != (config.dpo.ref_sync_every > 0):
         raise ValueError(
-            "config.dpo.reference='precomputed' cannot be combined with TR-DPO "
-            f"(config.dpo.ref_sync_every={config.dpo.ref_sync_every}): the reference moves"
+            f"config.dpo.ref_sync_every={config.dpo.ref_sync_every} with "
+            f"config.dpo.reference={config.dpo.reference!r}: TR-DPO is reference='moving' with "
+            "ref_sync_every >= 1; every other kind needs ref_sync_every=0"
         )
     if not 0 <= config.dpo.ref_sync_alpha <= 1:
         raise ValueError(f"config.dpo.ref_sync_alpha={config.dpo.ref_sync_alpha} must be in [0, 1]")
@@ -329,11 +337,8 @@ def loss_options(
         loss_weights=weights if loss_type != ("sft",) else None,
         beta=config.dpo.beta,
         label_smoothing=config.dpo.label_smoothing if loss_type != ("sft",) else 0.0,
-        use_reference=any(name not in REFERENCE_FREE_LOSSES for name in loss_type),
         logits_chunk_size=config.model.logits_chunk_size or None,
         num_microbatches=config.optimizer.grad_accum_steps,
-        ref_sync_every=config.dpo.ref_sync_every,
-        ref_sync_alpha=config.dpo.ref_sync_alpha,
         final_logit_softcapping=final_logit_softcapping,
     )
 
@@ -349,52 +354,82 @@ def make_sft_stage(config, tokenizer, ctx: Context, sources, counts: dict) -> St
         options=loss_options(config, ("sft",), ctx.final_logit_softcapping),
         tx=tx,
         schedule=schedule,
-        ref_params=None,
-        eval_ref_params=None,
-        sync_reference=False,
+        reference=reference_lib.NoReference(),
         train_batches=_train_batches(config, tokenizer, sources[0], counts, "sft"),
         eval_batches=_eval_batches(config, tokenizer, sources[1], counts, "sft"),
     )
 
 
+def reference_kind(config: ml_collections.ConfigDict) -> str:
+    """The DPO stage's kind of reference: config.dpo.reference, or "none" when every listed
+    loss reads no reference (simpo, sft)."""
+    if all(name in REFERENCE_FREE_LOSSES for name in loss_names(config.dpo.loss_type)):
+        return "none"
+    return config.dpo.reference
+
+
+def make_reference(config: ml_collections.ConfigDict, initial_params: Any):
+    """The DPO stage's reference value, of the kind `reference_kind(config)`; a precomputed one
+    carries nothing (its log-probs are attached to the batches by `make_dpo_stage`)."""
+    match reference_kind(config):
+        case "frozen":
+            return reference_lib.FrozenReference(initial_params)
+        case "moving":
+            return reference_lib.MovingReference(
+                sync_every=config.dpo.ref_sync_every, alpha=config.dpo.ref_sync_alpha
+            )
+        case "precomputed":
+            return reference_lib.PrecomputedReference()
+        case "none":
+            return reference_lib.NoReference()
+    raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; allowed: {REFERENCES}")
+
+
 def make_dpo_stage(
-    config, tokenizer, ctx: Context, sources, ref_params: Any, counts: dict
+    config, tokenizer, ctx: Context, sources, initial_params: Any, counts: dict
 ) -> Stage:
-    """The DPO stage against `ref_params`: in the step, precomputed, or moving (TR-DPO)."""
+    """The DPO stage, its reference the model DPO starts from (`initial_params`), of the kind
+    `reference_kind(config)` gives. A precomputed reference runs its pass here and keeps no
+    params; only a frozen one keeps a reference to `initial_params`."""
     options = loss_options(config, loss_names(config.dpo.loss_type), ctx.final_logit_softcapping)
     tx, schedule = stage_optimizer(
         config, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.dpo.num_steps
     )
     train_batches = _train_batches(config, tokenizer, sources[0], counts, "dpo")
     eval_batches = _eval_batches(config, tokenizer, sources[1], counts, "dpo")
-    frozen = ref_params if options.use_reference else None
-    stage = Stage(
+    reference = make_reference(config, initial_params)
+    if isinstance(reference, reference_lib.PrecomputedReference):
+        table = _precompute_reference_logps(
+            config, tokenizer, ctx, sources, options, initial_params
+        )
+        train_batches = ref_logps.WithRefLogps(train_batches, table)
+        eval_batches = [table.attach(batch) for batch in eval_batches]
+    print(f"[dpo] reference: {reference_lib.kind_name(reference)}")
+    return Stage(
         name="dpo",
         num_steps=config.dpo.num_steps,
         options=options,
         tx=tx,
         schedule=schedule,
-        ref_params=None if config.dpo.ref_sync_every else frozen,
-        eval_ref_params=frozen,  # evaluation always measures against the initial reference
-        sync_reference=bool(config.dpo.ref_sync_every) and options.use_reference,
+        reference=reference,
         train_batches=train_batches,
         eval_batches=eval_batches,
     )
-    if config.dpo.reference == "precomputed" and options.use_reference:
-        stage = _with_precomputed_reference(config, tokenizer, ctx, sources, stage)
-    return stage
 
 
-def _with_precomputed_reference(config, tokenizer, ctx: Context, sources, stage: Stage) -> Stage:
-    """One reference pass over every train and eval pair; batches then carry `ref_logps`."""
+def _precompute_reference_logps(
+    config, tokenizer, ctx: Context, sources, options: step_lib.LossOptions, ref_params: Any
+) -> ref_logps.RefLogpsTable:
+    """One reference pass over every train and eval pair, into a host-side table. Nothing
+    built here keeps `ref_params` alive after it returns."""
     if jax.process_count() > 1:
         raise ValueError("config.dpo.reference='precomputed' runs on one process only")
     compute = jax.jit(
         functools.partial(
             step_lib.ref_logps_fn,
             apply_fn=ctx.apply_fn,
-            logits_chunk_size=stage.options.logits_chunk_size,
-            final_logit_softcapping=stage.options.final_logit_softcapping,
+            logits_chunk_size=options.logits_chunk_size,
+            final_logit_softcapping=options.final_logit_softcapping,
         ),
         in_shardings=(ctx.param_shardings, None),
     )
@@ -408,18 +443,10 @@ def _with_precomputed_reference(config, tokenizer, ctx: Context, sources, stage:
             **{**_data_options(config), "pairs_per_row": 1},
         )
         ref_logps.precompute(
-            table,
-            batches,
-            lambda batch: compute(stage.ref_params, sharding.put_batch(batch, ctx.mesh)),
+            table, batches, lambda batch: compute(ref_params, sharding.put_batch(batch, ctx.mesh))
         )
     print(f"[dpo] reference log-probs of {len(table)} pairs in {time.perf_counter() - start:.1f} s")
-    return dataclasses.replace(
-        stage,
-        ref_params=None,
-        eval_ref_params=None,
-        train_batches=ref_logps.WithRefLogps(stage.train_batches, table),
-        eval_batches=[table.attach(batch) for batch in stage.eval_batches],
-    )
+    return table
 
 
 # ----------------------------------------------------------------------------- summary

@@ -42,7 +42,7 @@ def test_resume_continues_exactly_and_export_loads_back(tmp_path):
     for key in next_straight:
         np.testing.assert_array_equal(next_resumed[key], next_straight[key])
     # Checkpoints hold no frozen reference.
-    assert state_resumed.ref_params is None
+    assert state_resumed.reference_params is None
 
     export_dir = tmp_path / "hf"
     model_config = train.load_model(config, str(tmp_path))[1]

@@ -121,7 +121,7 @@ def test_mesh_that_does_not_fit_the_devices():
         (dict(dpo__reference="cached"), r"dpo.reference='cached'; allowed"),
         (
             dict(dpo__reference="precomputed", dpo__ref_sync_every=4),
-            r"cannot be combined with TR-DPO",
+            r"ref_sync_every=4 with config.dpo.reference='precomputed': TR-DPO is",
         ),
         (dict(dpo__ref_sync_alpha=1.5), r"ref_sync_alpha=1.5 must be in \[0, 1\]"),
         (dict(optimizer__grad_accum_steps=3), r"batch_size=8 must be divisible by .*=3"),

@@ -9,6 +9,7 @@ import numpy as np
 from dpo_jax import step as step_lib
 from dpo_jax.models import ModelConfig, init_params, make_apply_fn
 from dpo_jax.models.transformer import logits as model_logits
+from dpo_jax.reference import FrozenReference, NoReference
 
 
 def _tiny_model(**changes) -> ModelConfig:
@@ -47,11 +48,9 @@ def test_final_logit_softcapping_reaches_the_log_probs():
     config = _tiny_model(final_logit_softcapping=0.5)  # a cap far below the logits' spread
     params = jax.tree.map(lambda p: 40.0 * p, init_params(config, jax.random.key(0)))
     batch = _batch()
-    options = step_lib.LossOptions(
-        loss_type=("sft",), use_reference=False, final_logit_softcapping=0.5
-    )
+    options = step_lib.LossOptions(loss_type=("sft",), final_logit_softcapping=0.5)
     _, metrics = step_lib.loss_and_metrics(
-        params, None, batch, None, apply_fn=make_apply_fn(config), options=options
+        params, NoReference(), batch, None, apply_fn=make_apply_fn(config), options=options
     )
     # Independent reference: the model's own capped logits, log-softmax in NumPy, response
     # tokens 3..5 scored from positions 2..4.
@@ -65,7 +64,7 @@ def test_final_logit_softcapping_reaches_the_log_probs():
     # Without the cap the same params give other log-probs: the option is not a no-op here.
     uncapped = dataclasses.replace(options, final_logit_softcapping=None)
     _, plain = step_lib.loss_and_metrics(
-        params, None, batch, None, apply_fn=make_apply_fn(config), options=uncapped
+        params, NoReference(), batch, None, apply_fn=make_apply_fn(config), options=uncapped
     )
     assert abs(float(plain["logps/chosen"]) - float(metrics["logps/chosen"])) > 1.0
 
@@ -82,7 +81,7 @@ def test_ipo_has_one_form_whatever_else_is_listed():
     for loss_type in (("ipo",), ("ipo", "sft")):
         options = step_lib.LossOptions(loss_type=loss_type, beta=beta)
         _, metrics = step_lib.loss_and_metrics(
-            params, ref_params, batch, None, apply_fn=apply_fn, options=options
+            params, FrozenReference(ref_params), batch, None, apply_fn=apply_fn, options=options
         )
         terms.append(float(metrics["loss/ipo"]))
     policy = step_lib.logprob_fn(apply_fn, params, batch)

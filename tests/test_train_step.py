@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from dpo_jax import reference as reference_lib
 from dpo_jax import stage as stage_lib
 from dpo_jax import train
 
@@ -57,7 +58,7 @@ def run_steps(stage, ctx, params, num_steps):
                 stage, ctx, stage_lib.state_shardings_of(state), host_batch
             )
         batch = train.sharding.put_batch(host_batch, ctx.mesh)
-        state, metrics = update(state, stage.ref_params, batch, rng)
+        state, metrics = update(state, stage.reference, batch, rng)
         history.append(jax.device_get(metrics))
     return state, history
 
@@ -74,7 +75,7 @@ def test_eight_devices_data_and_fsdp_match_one_device(tmp_path):
             config.mesh[key] = value
         ctx, stage, params = build(config, tmp_path / name)
         assert ctx.mesh.devices.size == (1 if name == "one" else 8)
-        reference = jax.device_get(stage.ref_params)
+        reference = jax.device_get(stage.reference.params)
         state, history = run_steps(stage, ctx, params, num_steps=3)
         assert_reference_frozen(stage, state, reference)
         results[name] = (jax.device_get(state.params), history)
@@ -94,15 +95,16 @@ def test_eight_devices_data_and_fsdp_match_one_device(tmp_path):
 
 def assert_reference_frozen(stage, state, reference):
     """The reference is alive (not donated), bit-identical, and has no optimizer state."""
-    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(stage.ref_params))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(stage.ref_params), reference)
+    assert isinstance(stage.reference, reference_lib.FrozenReference)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(stage.reference.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(stage.reference.params), reference)
     moved = jax.tree.map(lambda a, b: np.any(a != b), jax.device_get(state.params), reference)
     assert any(jax.tree.leaves(moved)), "the policy should have moved"
     # AdamW keeps mu and nu for the policy only: 2 x its params, plus scalar counts.
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
     opt_sizes = [leaf.size for leaf in jax.tree.leaves(state.opt_state)]
     assert sum(size for size in opt_sizes if size > 1) == 2 * num_params
-    assert state.ref_params is None
+    assert state.reference_params is None
 
 
 def test_precomputed_reference_logps_give_the_in_step_loss(tmp_path):
@@ -111,7 +113,7 @@ def test_precomputed_reference_logps_give_the_in_step_loss(tmp_path):
     ctx, stage_a, params = build(in_step, tmp_path / "a")
     _, history_a = run_steps(stage_a, ctx, params, num_steps=2)
     ctx_b, stage_b, params_b = build(precomputed, tmp_path / "b")
-    assert stage_b.ref_params is None and stage_b.eval_ref_params is None
+    assert isinstance(stage_b.reference, reference_lib.PrecomputedReference)
     assert "ref_logps" in stage_b.eval_batches[0]
     _, history_b = run_steps(stage_b, ctx_b, params_b, num_steps=2)
     for metrics_a, metrics_b in zip(history_a, history_b, strict=True):
@@ -140,33 +142,32 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 def test_tr_dpo_soft_update_of_the_reference(tmp_path):
     alpha = 0.25
-    config = tiny_config(dpo__ref_sync_every=2, dpo__ref_sync_alpha=alpha)
+    config = tiny_config(dpo__reference="moving", dpo__ref_sync_every=2, dpo__ref_sync_alpha=alpha)
     ctx, stage, params = build(config, tmp_path)
-    assert stage.ref_params is None and stage.sync_reference
+    assert stage.reference == reference_lib.MovingReference(sync_every=2, alpha=alpha)
     initial = jax.device_get(params)
     state = stage_lib.init_state(stage, params, ctx)
     batch = next(stage.train_batches)
     update = stage_lib.compile_update(stage, ctx, stage_lib.state_shardings_of(state), batch)
     rng = jax.random.key(0)
-    state, _ = update(state, None, train.sharding.put_batch(batch, ctx.mesh), rng)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ref_params), initial)
-    state, _ = update(state, None, train.sharding.put_batch(batch, ctx.mesh), rng)
+    state, _ = update(state, stage.reference, train.sharding.put_batch(batch, ctx.mesh), rng)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.reference_params), initial)
+    state, _ = update(state, stage.reference, train.sharding.put_batch(batch, ctx.mesh), rng)
     policy = jax.device_get(state.params)  # after step 2, when the sync is due
     expected = jax.tree.map(lambda p, r: alpha * p + (1 - alpha) * r, policy, initial)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-        jax.device_get(state.ref_params),
+        jax.device_get(state.reference_params),
         expected,
     )
-    # The frozen reference given to evaluation is the untouched initial model.
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(stage.eval_ref_params), initial)
 
 
 def test_eval_fn_with_the_policy_as_its_own_reference(tmp_path):
     ctx, stage, params = build(tiny_config(), tmp_path)
     batch = stage.eval_batches[0]
     placed = train.sharding.put_batch(batch, ctx.mesh)
-    metrics = jax.device_get(stage_lib.compile_eval(stage, ctx, batch)(params, params, placed))
+    evaluate = stage_lib.compile_eval(stage, ctx, batch)
+    metrics = jax.device_get(evaluate(params, stage.reference, None, placed))
     # Policy == reference: every reward is 0 and the loss is log 2.
     np.testing.assert_allclose(metrics["loss"], np.log(2), rtol=1e-6)
     np.testing.assert_allclose(metrics["rewards/margins"], 0.0, atol=1e-6)
@@ -183,10 +184,11 @@ def test_sft_loss_is_the_nll_per_chosen_token(tmp_path):
     ctx, _, params = build(config, tmp_path)
     tokenizer = train.synthetic.make_tokenizer()
     stage = train.make_sft_stage(config, tokenizer, ctx, train.data_sources(config), counts={})
-    assert not stage.options.use_reference
+    assert isinstance(stage.reference, reference_lib.NoReference)
     batch = stage.eval_batches[0]
     placed = train.sharding.put_batch(batch, ctx.mesh)
-    metrics = jax.device_get(stage_lib.compile_eval(stage, ctx, batch)(params, None, placed))
+    evaluate = stage_lib.compile_eval(stage, ctx, batch)
+    metrics = jax.device_get(evaluate(params, stage.reference, None, placed))
     logps = jax.device_get(train.step_lib.logprob_fn(ctx.apply_fn, params, placed))
     mask = batch["pair_mask"]
     expected = -logps.logps[:, 0][mask].sum() / logps.lengths[:, 0][mask].sum()
@@ -199,7 +201,8 @@ def test_sft_loss_is_the_nll_per_chosen_token(tmp_path):
 def test_reference_free_and_stateful_losses_run_through_the_step(tmp_path, loss_type):
     config = tiny_config(dpo__loss_type=loss_type)
     ctx, stage, params = build(config, tmp_path)
-    assert stage.options.use_reference == (loss_type != "simpo")
+    expected = reference_lib.NoReference if loss_type == "simpo" else reference_lib.FrozenReference
+    assert isinstance(stage.reference, expected)
     state, history = run_steps(stage, ctx, params, num_steps=2)
     assert all(np.isfinite(m["loss"]) for m in history)
     if loss_type == "bco_pair":

@@ -37,17 +37,20 @@ import ml_collections
 import numpy as np
 
 VARIANTS = {
-    # name: (config field, value or None to take it from config.bench)
-    "default": (None, None),
-    "float32": ("model.dtype", "float32"),
-    "bfloat16": ("model.dtype", "bfloat16"),
-    "remat": ("model.remat", True),
-    "no_remat": ("model.remat", False),
-    "chunked": ("model.logits_chunk_size", None),  # bench.chunk_size
-    "full_logits": ("model.logits_chunk_size", 0),
-    "cudnn": ("model.attention_impl", "cudnn"),
-    "xla_attention": ("model.attention_impl", "xla"),
-    "precomputed_ref": ("dpo.reference", "precomputed"),
+    # name: {config field: value}; a value of None is taken from config.bench (the chunk size).
+    "default": {},
+    "float32": {"model.dtype": "float32"},
+    "bfloat16": {"model.dtype": "bfloat16"},
+    "remat": {"model.remat": True},
+    "no_remat": {"model.remat": False},
+    "chunked": {"model.logits_chunk_size": None},
+    "full_logits": {"model.logits_chunk_size": 0},
+    "cudnn": {"model.attention_impl": "cudnn"},
+    "xla_attention": {"model.attention_impl": "xla"},
+    # The reference kinds (dpo_jax.reference); "default" is the frozen one.
+    "precomputed_ref": {"dpo.reference": "precomputed"},
+    "tr_dpo": {"dpo.reference": "moving", "dpo.ref_sync_every": 16},
+    "reference_free": {"dpo.reference": "none"},
 }
 
 
@@ -149,8 +152,7 @@ def with_variant(config: ml_collections.ConfigDict, name: str) -> ml_collections
     if name not in VARIANTS:
         raise ValueError(f"unknown benchmark variant {name!r}; known: {sorted(VARIANTS)}")
     config = ml_collections.ConfigDict(config.to_dict())
-    field, value = VARIANTS[name]
-    if field is not None:
+    for field, value in VARIANTS[name].items():
         group, key = field.split(".")
         config[group][key] = config.bench.chunk_size if value is None else value
     return config
@@ -171,9 +173,10 @@ def build_step(config: ml_collections.ConfigDict):
     """The compiled training step of `config` and its inputs, built as training builds them.
 
     Returns:
-      (update, state, ref_params, batch, rng, model_config, stage): `update` is
+      (update, state, reference, batch, rng, model_config, stage): `update` is
       `dpo_jax.stage.compile_update`'s jitted update_fn (state donated).
     """
+    from dpo_jax import reference as reference_lib
     from dpo_jax import sharding, train  # heavy: only in the subprocess
     from dpo_jax import stage as stage_lib
     from dpo_jax import step as step_lib
@@ -189,16 +192,15 @@ def build_step(config: ml_collections.ConfigDict):
     tx, schedule = train.stage_optimizer(
         config, config.optimizer.learning_rate, config.optimizer.warmup_steps, 1000
     )
-    precomputed = config.dpo.reference == "precomputed"
+    reference = train.make_reference(config, params)
+    precomputed = isinstance(reference, reference_lib.PrecomputedReference)
     stage = stage_lib.Stage(
         name="dpo",
         num_steps=1000,
         options=options,
         tx=tx,
         schedule=schedule,
-        ref_params=None if precomputed else params,
-        eval_ref_params=None,
-        sync_reference=False,
+        reference=reference,
         train_batches=None,
         eval_batches=[],
     )
@@ -209,7 +211,7 @@ def build_step(config: ml_collections.ConfigDict):
         vocab_size=model_config.vocab_size,
         seed=config.seed,
     )
-    if precomputed:  # the one pass before training, as train._with_precomputed_reference runs it
+    if precomputed:  # the one pass before training, as train.make_dpo_stage runs it
         compute = jax.jit(
             lambda p, b: step_lib.ref_logps_fn(
                 p,
@@ -220,28 +222,34 @@ def build_step(config: ml_collections.ConfigDict):
             )
         )
         host_batch["ref_logps"] = np.asarray(compute(params, sharding.put_batch(host_batch, mesh)))
-    state = stage_lib.init_state(stage, params, ctx)  # as training builds it, in place
+    state = stage_lib.init_state(stage, params, ctx)  # as training builds it (consumes params)
     update = stage_lib.compile_update(stage, ctx, stage_lib.state_shardings_of(state), host_batch)
     batch = sharding.put_batch(host_batch, mesh)
-    return update, state, stage.ref_params, batch, jax.random.key(config.seed), model_config, stage
+    return update, state, reference, batch, jax.random.key(config.seed), model_config, stage
 
 
 def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compiles and times one variant's step in this process (see `run_benchmark`)."""
+    from dpo_jax.reference import kind_name
+
     bench = config.bench
-    update, state, ref_params, batch, rng, model_config, stage = build_step(config)
+    update, state, reference, batch, rng, model_config, stage = build_step(config)
+    # What the stage holds on its devices between steps: policy, optimizer state, reference (if
+    # any kind keeps params) and the batch; the step's temporaries come on top (XLA's analysis).
+    held_bytes = sum(array.nbytes for array in jax.live_arrays())
+    param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
     start = time.perf_counter()
-    compiled = update.lower(state, ref_params, batch, rng).compile()
+    compiled = update.lower(state, reference, batch, rng).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     for _ in range(bench.warmup_steps):
-        state, metrics = compiled(state, ref_params, batch, rng)
+        state, metrics = compiled(state, reference, batch, rng)
     jax.block_until_ready(state)
     flops = model_flops(
         model_config,
         num_rows=2 * config.data.batch_size,
         row_length=config.data.max_length,
-        reference_in_step=stage.ref_params is not None,
+        reference_in_step=kind_name(stage.reference) in ("frozen", "moving"),
     )
     # Shared CPUs change speed within seconds, so the peak is measured next to each timed step
     # (a few dots before it) and each step's MFU is against its own neighbouring peak; the
@@ -251,7 +259,7 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for _ in range(bench.timed_steps):
         peak_s, _ = _median_seconds(dot, bench.peak_repeats)
         start = time.perf_counter()
-        state, _ = compiled(state, ref_params, batch, rng)
+        state, _ = compiled(state, reference, batch, rng)
         jax.block_until_ready(state)
         step_times.append(time.perf_counter() - start)
         peaks.append(dot_flops / peak_s)
@@ -265,7 +273,7 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         # Contention only slows a dot down, so the fastest one is the machine's own speed.
         "best_flops_per_s": max(peaks),
     }
-    loss = float(jax.device_get(compiled(state, ref_params, batch, rng)[1]["loss"]))
+    loss = float(jax.device_get(compiled(state, reference, batch, rng)[1]["loss"]))
     device_stats = jax.devices()[0].memory_stats() or {}
     return {
         "backend": jax.default_backend(),
@@ -292,6 +300,9 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         + memory.output_size_in_bytes
         + memory.temp_size_in_bytes
         - memory.alias_size_in_bytes,
+        "reference_kind": kind_name(stage.reference),
+        "held_bytes": held_bytes,
+        "param_bytes": param_bytes,
         "peak_rss_bytes": _peak_rss_bytes(),
         "device_peak_bytes_in_use": device_stats.get("peak_bytes_in_use"),
         "loss_after": loss,
@@ -378,6 +389,7 @@ def format_table(result: dict[str, Any]) -> str:
         "causal counted fully). MFU: median over steps of each step against the dots timed just "
         "before it; best-peak MFU: the median step against the fastest of those dots."
     )
+    lines += ["", _reference_memory_table(result)]
     memory = result.get("logprob_memory")
     if memory and "ratios" in memory:
         from dpo_jax.benchmarks.logprob_memory import format_table as memory_table
@@ -386,6 +398,23 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(memory_table(memory))
     elif memory:
         lines.append(f"log-prob memory check failed: {memory['error'][:300]}")
+    return "\n".join(lines)
+
+
+def _reference_memory_table(result: dict[str, Any]) -> str:
+    """Device memory each variant holds during the DPO stage, by its kind of reference."""
+    lines = [
+        "Memory held during the DPO stage (live arrays between steps: policy, optimizer state, "
+        "reference, batch; GB = 1e9 bytes):",
+        f"{'variant':<16}{'reference':>12}{'held GB':>9}{'x params':>10}{'+ step temp GB':>16}",
+    ]
+    for name, row in result["variants"].items():
+        if "held_bytes" in row:
+            copies = row["held_bytes"] / row["param_bytes"]
+            lines.append(
+                f"{name:<16}{row['reference_kind']:>12}{row['held_bytes'] / 1e9:>9.3f}"
+                f"{copies:>10.2f}{row['xla_temp_bytes'] / 1e9:>16.3f}"
+            )
     return "\n".join(lines)
 
 
