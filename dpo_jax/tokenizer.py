@@ -128,6 +128,46 @@ class Tokenizer:
         )
 
     @classmethod
+    def from_transformers(cls, hf_tokenizer: Any) -> Tokenizer:
+        """Wraps a transformers fast tokenizer (as TRL users hold one), with no files written.
+
+        The backend is a copy of `hf_tokenizer.backend_tokenizer` (padding and truncation
+        settings that transformers keeps on it do not carry over); the special tokens and the
+        chat template are the tokenizer's own. add_bos is its `add_bos_token` when it has one,
+        else whether its post-processor adds bos (as `from_dir` decides). transformers is not
+        imported here: any object with these attributes works.
+
+        Raises:
+          TypeError: `hf_tokenizer` is not a fast (`tokenizers`-backed) tokenizer.
+          ValueError: a special token is not in the vocabulary.
+        """
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if not isinstance(backend, tokenizers.Tokenizer):
+            raise TypeError(
+                f"Tokenizer.from_transformers needs a fast tokenizer with a `backend_tokenizer`, "
+                f"found {type(hf_tokenizer).__name__} (load it with use_fast=True)"
+            )
+        backend = tokenizers.Tokenizer.from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
+        tokens = {
+            name: getattr(hf_tokenizer, name, None)
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        template = getattr(hf_tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # named templates: transformers uses "default"
+            template = template.get("default")
+        tokenizer = cls(backend, **tokens, add_bos=False, chat_template=template)
+        add_bos = getattr(hf_tokenizer, "add_bos_token", None)
+        if add_bos is None:
+            with_special = backend.encode("", add_special_tokens=True).ids
+            add_bos = tokenizer.bos_id is not None and with_special[:1] == [tokenizer.bos_id]
+        if add_bos and tokenizer.bos_id is None:
+            raise ValueError("add_bos_token is true but the tokenizer has no bos_token")
+        tokenizer.add_bos = bool(add_bos)
+        return tokenizer
+
+    @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Loads `tokenizer.json` and `tokenizer_config.json` from a Hugging Face model directory.
 

@@ -267,3 +267,43 @@ def test_check_tokenizer_fits(ours):
     check_tokenizer_fits(ours, types.SimpleNamespace(vocab_size=320))  # padded embedding: fine
     with pytest.raises(ValueError, match="tokenizer vocabulary size 300 .* vocab_size 256"):
         check_tokenizer_fits(ours, types.SimpleNamespace(vocab_size=256))
+
+
+def test_from_transformers_matches_the_tokenizer_it_wraps(backend, tmp_path):
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "chat_template": _CHAT_TEMPLATE,
+    }
+    reference = transformers.AutoTokenizer.from_pretrained(
+        _save_dir(backend, tmp_path / "t", config)
+    )
+    reference.backend_tokenizer.enable_truncation(4)  # a setting on the original, not the copy
+    ours = Tokenizer.from_transformers(reference)
+    reference.backend_tokenizer.no_truncation()
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.unk_id) == (
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.pad_token_id,
+        reference.unk_token_id,
+    )
+    assert ours.add_bos is True  # the post-processor adds bos
+    for text in _CORPUS[:4]:
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False)
+        assert [ours.bos_id] + ours.encode(text) == reference.encode(text)
+    for conversation in _CONVERSATIONS:
+        assert ours.apply_chat_template(conversation, True) == reference.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+
+
+def test_from_transformers_reads_add_bos_token_and_refuses_slow_tokenizers(reference):
+    assert Tokenizer.from_transformers(types.SimpleNamespace(
+        backend_tokenizer=reference.backend_tokenizer, bos_token="<bos>", eos_token="<eos>",
+        add_bos_token=False,
+    )).add_bos is False  # fmt: skip
+    with pytest.raises(TypeError, match="needs a fast tokenizer .* found SimpleNamespace"):
+        Tokenizer.from_transformers(types.SimpleNamespace(bos_token="<bos>"))
