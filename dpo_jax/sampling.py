@@ -136,6 +136,20 @@ def pad_prompts(
     return tokens, positions, valid
 
 
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a text prompt as training encodes it: bos first when the tokenizer adds one.
+
+    Raises:
+      ValueError: an empty prompt (an empty string, or one that encodes to no tokens).
+    """
+    ids = list(tokenizer.encode(text)) if text else []
+    if not ids:
+        raise ValueError(f"prompt {text!r} is empty: it encodes to no tokens")
+    if tokenizer.add_bos and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id, *ids]
+    return ids
+
+
 def _eos_ids(model_config: ModelConfig, eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if eos_id is None:
         eos_id = model_config.eos_token_id
