@@ -1,9 +1,12 @@
 """Tests of dpo_jax.logprobs against hand-built examples and an independent NumPy reference."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax.logprobs import (
     LogProbs,
@@ -374,3 +377,62 @@ def test_logprob_fn_rejects_bad_batch():
         logprob_fn(toy_apply, params, {**batch, "positions": batch["positions"][:, :, :8]})
     with pytest.raises(ValueError, match=r"\[B, 2, T\]"):
         logprob_fn(toy_apply, params, {**batch, "tokens": batch["tokens"][:, :1]})
+
+
+def _computations(hlo_text):
+    """HLO module text -> {computation name: its text}."""
+    computations, name = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            name = header.group(1)
+            computations[name] = []
+        elif name is not None:
+            computations[name].append(line)
+    return {key: "\n".join(lines) for key, lines in computations.items()}
+
+
+def test_chunked_on_a_data_mesh_gathers_no_hidden_states():
+    # On a data=8 mesh each device holds one of the 8 rows. Chunking along each row's sequence
+    # keeps the batch axis sharded: no all-gather (flattening rows across the sharded axis made
+    # XLA gather all hidden states and run every chunk on every device); chunk_size=32 rows per
+    # device makes each chunk's dot [1 row · 32 positions, 64] @ [64, 512], and the only
+    # collectives are one all-reduce of the unembedding's gradient and of the loss (one tuple),
+    # outside the loop (XLA's own partitioning of the scan all-reduced [64, 512] in every trip).
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    keys = jax.random.split(jax.random.key(5), 4)
+    hidden = jax.device_put(jax.random.normal(keys[0], (8, 256, 64)), rows)
+    unembedding = jax.random.normal(keys[1], (64, 512)) / 8.0
+    targets = jax.device_put(jax.random.randint(keys[2], (8, 256), 0, 512), rows)
+    weights = jax.device_put(jax.random.normal(keys[3], (8, 256)), rows)
+
+    def loss(hidden, unembedding, chunk_size):
+        if chunk_size is None:
+            logps = token_logps_from_logits(hidden @ unembedding, targets)
+        else:
+            logps = chunked_token_logps(
+                hidden, unembedding, targets, chunk_size=chunk_size, mesh=mesh
+            )
+        return jnp.sum(weights * logps)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    hlo = step.lower(hidden, unembedding, 32).compile().as_text()
+    assert "all-gather" not in hlo
+    assert re.search(r"f32\[32,512\]\{1,0\} dot\(", hlo), "per-device chunk dot is not [32, 512]"
+    bodies = re.findall(r"while\(.*body=%?([\w.\-]+)", hlo)
+    assert bodies, "the chunked head has no loop"
+    computations = _computations(hlo)
+    for body in bodies:
+        assert "all-reduce" not in computations[body], f"collective inside the loop {body}"
+    all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    assert len(all_reduces) == 1 and "f32[64,512]" in all_reduces[0], all_reduces
+
+    (value, grads), (full_value, full_grads) = (
+        step(hidden, unembedding, 32),
+        step(hidden, unembedding, None),
+    )
+    np.testing.assert_allclose(value, full_value, rtol=1e-5)
+    for grad, full_grad in zip(grads, full_grads, strict=True):
+        assert float(jnp.abs(full_grad).max()) > 0.1
+        np.testing.assert_allclose(grad, full_grad, rtol=1e-5, atol=1e-5)
