@@ -10,6 +10,7 @@ donated to it). Randomness comes only from the explicit key: token t of a row is
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -17,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax.models import ModelConfig, init_cache, make_decode_fn
+from dpo_jax.data import synthetic
+from dpo_jax.models import ModelConfig, init_cache, load_hf, make_decode_fn
+from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
 
 
 class SamplingOptions(NamedTuple):
@@ -285,3 +288,61 @@ def _generate(
     )
     _, _, cache, out, finished, lengths = jax.lax.while_loop(cond, body, carry)
     return out, lengths, finished, cache  # no eos ids: eos is -1, so nothing finishes
+
+
+TOKENIZER_CHOICES = ("auto", "model", "synthetic")
+
+
+def load_model(path: str, tokenizer: str = "auto") -> tuple[ModelConfig, Any, Any]:
+    """A model to sample from: a .gguf file, a Hugging Face directory or a training workdir.
+
+    Args:
+      path: a `.gguf` file (e.g. the packaged Gemma 3 270M); a directory with config.json and
+        safetensors; or a training workdir, whose exported final policy `<workdir>/hf` is read.
+      tokenizer: "model" (the GGUF's, or tokenizer.json of the directory), "synthetic" (the
+        synthetic task's word-level tokenizer), "auto" (the model's when there is one, else
+        the synthetic one for a model of the synthetic vocabulary size), or a tokenizer dir.
+
+    Returns:
+      (model_config, params, tokenizer).
+
+    Raises:
+      FileNotFoundError: nothing loadable at `path` (the message says what was looked for).
+      ValueError: the tokenizer does not fit the model, or none could be chosen.
+    """
+    model_tokenizer = None
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from dpo_jax.models.convert_gguf import load_gguf
+
+        model_config, params, model_tokenizer = load_gguf(path)
+        model_dir = None
+    else:
+        model_dir = (
+            os.path.join(path, "hf")
+            if os.path.isfile(os.path.join(path, "hf", "config.json"))
+            else path
+        )
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise FileNotFoundError(
+                f"{path}: no checkpoint here: expected a .gguf file, a model directory with "
+                "config.json, or a training workdir with hf/config.json (written at the end of "
+                "training)"
+            )
+        model_config, params = load_hf(model_dir)
+    if tokenizer not in TOKENIZER_CHOICES:
+        chosen = Tokenizer.from_dir(tokenizer)
+    elif tokenizer == "synthetic":
+        chosen = synthetic.make_tokenizer()
+    elif model_tokenizer is not None:
+        chosen = model_tokenizer
+    elif model_dir is not None and os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        chosen = Tokenizer.from_dir(model_dir)
+    elif tokenizer == "auto" and model_config.vocab_size == len(synthetic.VOCAB):
+        chosen = synthetic.make_tokenizer()
+    else:
+        raise ValueError(
+            f"{path}: no tokenizer found with the model; pass tokenizer='synthetic' or a "
+            "directory with tokenizer.json"
+        )
+    check_tokenizer_fits(chosen, model_config)
+    return model_config, params, chosen
