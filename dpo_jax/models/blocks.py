@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -156,7 +157,11 @@ class Attention(nnx.Module):
         else:
             from dpo_jax.models import splash  # the Pallas TPU kernels load only when asked for
 
-            kernel = splash.splash_attention
+            kernel = functools.partial(
+                splash.splash_attention,
+                softcap=config.attn_logit_softcapping,
+                interpret=config.attention_impl == "splash_interpret",
+            )
 
         def attend(window):
             return lambda: kernel(

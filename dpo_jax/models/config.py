@@ -22,7 +22,8 @@ _ARCHITECTURE_OF_FAMILY = {family: arch for arch, family in ARCHITECTURES.items(
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn")
+# "splash": Pallas TPU kernels; "splash_interpret": the same in the Pallas interpreter (CPU tests).
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "splash_interpret")
 
 # transformers' class defaults for the keys a config.json may leave out (transformers 4.57).
 _HF_DEFAULTS = {
