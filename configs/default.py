@@ -96,7 +96,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dpo.loss_type = "sigmoid"  # a name in dpo_jax.losses.LOSS_VARIANTS, or "a,b" (sum)
     config.dpo.loss_weights = ""  # "w1,w2" for a list of losses; "" = all 1
     config.dpo.beta = 0.1  # β > 0, the KL-penalty strength
-    config.dpo.label_smoothing = 0.0  # ε, assumed label-flip rate (cDPO, robust, ...)
+    config.dpo.label_smoothing = 0.0  # ε, assumed label-flip rate (cDPO, robust, exo_pair > 0)
+    # How the loss reads the log-ratios: f'(π/π_ref) for sigmoid, hinge, ipo, robust, exo_pair,
+    # discopop, sigmoid_norm (arXiv:2309.16240); the others need "reverse_kl".
+    config.dpo.f_divergence_type = "reverse_kl"  # or forward_kl, js_divergence, alpha_divergence
+    config.dpo.f_alpha_divergence_coef = 1.0  # α > 0 of alpha_divergence (1 = reverse_kl)
+    # The settings where TRL 1.16 differs (README, "differences from TRL"):
+    config.dpo.sigmoid_label_smoothing = "cdpo"  # ε in sigmoid/sigmoid_norm: "cdpo"; TRL: "ignore"
+    config.dpo.bco_reward_shift = "running_mean"  # bco_pair's δ₀: "running_mean"; TRL: "none"
+    config.dpo.ipo_form = "per_token"  # ipo on "per_token" log-ratios (TRL's) or "summed" ones
+    config.dpo.simpo_gamma = 0.5  # simpo's target reward margin γ (TRL's CPOConfig.simpo_gamma)
     # The reference (dpo_jax.reference): "frozen" (its forward in the step), "precomputed" (one
     # pass before DPO, then its params are freed), "moving" (TR-DPO), "none" (log π_ref = 0).
     # Losses that read no reference (simpo, sft) always run with "none".

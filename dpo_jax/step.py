@@ -28,11 +28,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import reference as reference_lib
 from dpo_jax.logprobs import logprob_fn
-from dpo_jax.losses import dpo_loss_fn
+from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn
 from dpo_jax.sharding import BATCH_AXES
 
 # Batch keys that have the batch axis first and travel to the model (ref_logps is optional).
 BATCH_KEYS = ("tokens", "response_mask", "positions", "segment_ids", "pair_mask")
+# Losses that never read π_ref (`Variant.reads_reference`): sft, simpo, cpo, orpo.
+REFERENCE_FREE_LOSSES = tuple(name for name, v in LOSS_VARIANTS.items() if not v.reads_reference)
 
 
 @flax.struct.dataclass
@@ -70,6 +72,8 @@ class LossOptions:
       logits_chunk_size: rows per chunk of the chunked log-prob path; None: full logits.
       num_microbatches: micro-batches per step (gradient accumulation), >= 1.
       final_logit_softcapping: the model's cap·tanh(logits / cap) on logits, or None.
+      f_divergence_type, f_alpha_divergence_coef, sigmoid_label_smoothing, bco_reward_shift,
+        ipo_form, simpo_gamma: passed to `dpo_loss_fn` (see it for their values).
     """
 
     loss_type: tuple[str, ...] = ("sigmoid",)
@@ -79,17 +83,25 @@ class LossOptions:
     logits_chunk_size: int | None = None
     num_microbatches: int = 1
     final_logit_softcapping: float | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    sigmoid_label_smoothing: str = "cdpo"
+    bco_reward_shift: str = "running_mean"
+    ipo_form: str = "per_token"
+    simpo_gamma: float = 0.5
 
     @property
     def uses_bco(self) -> bool:
-        return "bco_pair" in self.loss_type
+        return "bco_pair" in self.loss_type and self.bco_reward_shift == "running_mean"
 
     @property
     def needs_lengths(self) -> bool:
         # Token counts go to every variant that can read them. ipo is among them always, so its
         # form never depends on which other losses are listed (with "sft" it would otherwise
         # switch form silently); in training it is TRL's ipo, on log-probs averaged per token.
-        return any(name in ("simpo", "sigmoid_norm", "sft", "ipo") for name in self.loss_type)
+        return any(
+            name in ("simpo", "sigmoid_norm", "sft", "ipo", "orpo") for name in self.loss_type
+        )
 
 
 def batch_tokens(batch: dict[str, jax.Array]) -> jax.Array:
@@ -168,6 +180,12 @@ def loss_and_metrics(
         label_smoothing=options.label_smoothing,
         loss_weights=options.loss_weights,
         pair_mask=pair_mask,
+        f_divergence_type=options.f_divergence_type,
+        f_alpha_divergence_coef=options.f_alpha_divergence_coef,
+        sigmoid_label_smoothing=options.sigmoid_label_smoothing,
+        bco_reward_shift=options.bco_reward_shift,
+        ipo_form=options.ipo_form,
+        simpo_gamma=options.simpo_gamma,
         **lengths,
         **bco,
     )

@@ -27,9 +27,9 @@ from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
 MODEL_SOURCES = ("random", "hf", "gguf")
 # config.dpo.reference: the kinds of dpo_jax.reference.
 REFERENCES = tuple(reference_lib.KINDS)
-# Losses that read no reference log-probs (SimPO ignores them, SFT is NLL): with only these, the
-# stage builds no reference at all, whatever config.dpo.reference says.
-REFERENCE_FREE_LOSSES = ("simpo", "sft")
+# Losses that read no reference log-probs (sft, simpo, cpo, orpo): with only these, the stage
+# builds no reference at all, whatever config.dpo.reference says.
+REFERENCE_FREE_LOSSES = step_lib.REFERENCE_FREE_LOSSES
 # The metrics in the summary table, in order.
 SUMMARY_METRICS = (
     "loss",
@@ -340,6 +340,12 @@ def loss_options(
         logits_chunk_size=config.model.logits_chunk_size or None,
         num_microbatches=config.optimizer.grad_accum_steps,
         final_logit_softcapping=final_logit_softcapping,
+        f_divergence_type=config.dpo.f_divergence_type,
+        f_alpha_divergence_coef=config.dpo.f_alpha_divergence_coef,
+        sigmoid_label_smoothing=config.dpo.sigmoid_label_smoothing,
+        bco_reward_shift=config.dpo.bco_reward_shift,
+        ipo_form=config.dpo.ipo_form,
+        simpo_gamma=config.dpo.simpo_gamma,
     )
 
 
