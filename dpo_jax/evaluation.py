@@ -239,9 +239,21 @@ def synthetic_exact_reward(prompt: str, completion: str) -> float:
     return float(synthetic_digit_reward(prompt, completion) == 1.0)
 
 
+def high_digit_reward(prompt: str, completion: str) -> float:
+    """The fraction of the completion's words that are digits 5-9 (0 for an empty completion).
+
+    A property of the completion alone, as the DPO paper's sentiment score is: the reference's
+    answers to the synthetic task score about 1/2, and a policy can raise it only by moving
+    away from the right answer, so reward trades against KL. `prompt` is not read.
+    """
+    words = completion.split()
+    return sum(w in ("5", "6", "7", "8", "9") for w in words) / len(words) if words else 0.0
+
+
 REWARD_FUNCTIONS: dict[str, Callable[[str, str], float]] = {
     "synthetic_digits": synthetic_digit_reward,
     "synthetic_exact": synthetic_exact_reward,
+    "high_digits": high_digit_reward,
 }
 
 

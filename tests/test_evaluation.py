@@ -114,6 +114,9 @@ def test_synthetic_rewards_and_win_rate():
     assert evaluation.synthetic_digit_reward("copy 3 1 2 =", "3 1 2 5") == pytest.approx(3 / 4)
     assert evaluation.synthetic_exact_reward("copy 3 1 2 =", "3 1 2") == 1.0
     assert evaluation.synthetic_exact_reward("copy 3 1 2 =", "3 1") == 0.0
+    assert evaluation.high_digit_reward("copy 1 2 =", "5 1 9 0") == 0.5
+    assert evaluation.high_digit_reward("copy 1 2 =", "") == 0.0
+    assert evaluation.reward_fn("high_digits") is evaluation.high_digit_reward
     assert evaluation.win_rate([1.0, 0.5, 0.0, 0.2], [0.0, 0.5, 1.0, 0.1]) == pytest.approx(2.5 / 4)
     with pytest.raises(ValueError, match="not a synthetic task prompt"):
         evaluation.synthetic_digit_reward("hello", "1")

@@ -89,3 +89,18 @@ def test_script_bad_input_is_one_line_and_exit_1(workdir, args, message):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_script_of_a_policy_against_itself(workdir):
+    path, _ = workdir
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "evaluate.py")
+    result = subprocess.run(
+        [sys.executable, script, f"--policy={path}", f"--reference={path}", "--num_prompts=6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    values = dict(line.split() for line in result.stdout.strip().splitlines())
+    assert float(values["kl/mean"]) == 0.0 and float(values["num_prompts"]) == 6
+    assert values["exact_match/policy"] == values["exact_match/reference"]
