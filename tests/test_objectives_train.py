@@ -1,0 +1,49 @@
+"""The new objectives through training's own stage and step: reference-free ones hold no
+reference params, and every loss option of config.dpo reaches the loss."""
+
+import jax
+import numpy as np
+import pytest
+from test_train_step import build, run_steps, tiny_config
+
+from dpo_jax import reference as reference_lib
+from dpo_jax.losses import LOSS_VARIANTS
+
+
+# simpo alone: tests/test_train_step.py.
+@pytest.mark.parametrize("loss_type", ["orpo,sft", "cpo,sft"])
+def test_reference_free_objectives_hold_no_reference_params(tmp_path, loss_type):
+    config = tiny_config(dpo__loss_type=loss_type)
+    ctx, stage, params = build(config, tmp_path)
+    assert isinstance(stage.reference, reference_lib.NoReference)
+    assert not reference_lib.holds_params(stage.reference)
+    assert jax.tree.leaves(stage.reference) == []  # no array of any kind
+    state, history = run_steps(stage, ctx, params, num_steps=2)
+    assert state.reference_params is None
+    assert all(np.isfinite(m["loss"]) for m in history)
+    names = loss_type.split(",")
+    assert all(not LOSS_VARIANTS[name].reads_reference for name in names)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(dpo__f_divergence_type="alpha_divergence", dpo__f_alpha_divergence_coef=0.5),
+        dict(dpo__loss_type="bco_pair", dpo__bco_reward_shift="none"),
+    ],
+    ids=["alpha", "bco_none"],
+)
+def test_loss_options_reach_the_step(tmp_path, changes):
+    config = tiny_config(**changes)
+    ctx, stage, params = build(config, tmp_path)
+    for key, value in changes.items():
+        field = key.split("__")[1]
+        expected = tuple(value.split(",")) if field == "loss_type" else value
+        assert getattr(stage.options, field) == expected
+    state, history = run_steps(stage, ctx, params, num_steps=1)
+    assert np.isfinite(history[0]["loss"])
+    # Before any update π = π_ref: every f-divergence score margin is 0, so sigmoid gives ln 2.
+    if config.dpo.loss_type == "sigmoid":
+        np.testing.assert_allclose(history[0]["loss"], np.log(2.0), rtol=1e-6)
+    if "dpo__bco_reward_shift" in changes:
+        assert "bco/running_mean" not in history[0]
