@@ -1,0 +1,81 @@
+"""Llama 3 8B DPO on a TPU v5e-256 slice: bf16, FSDP over all 256 chips, remat, splash attention.
+
+Plan it here, without a TPU (the TPU compiler, libtpu, compiles the real step for the topology):
+
+    python scripts/plan.py --config=configs/llama3_8b_tpu.py --topology=v5e:16x16
+
+Llama 3 8B shapes (hidden 4096, 32 layers, 32 query / 8 KV heads of 128, MLP 14,336, vocabulary
+128,256, untied, RoPE base 500,000; its llama3 RoPE scaling changes no shape or cost and is not
+set here), random weights: for a real run set model.source="hf" and model.hf_path. 256 pairs of
+4,096 tokens a step (one pair, two rows, per chip), AdamW, a frozen reference.
+
+Memory budget per v5e chip (16 GiB HBM), with N = 8.03e9 params sharded 256 ways:
+- params, float32: 4 N / 256 = 0.125 GB; AdamW moments 2 × 0.125 = 0.25 GB; the frozen
+  reference (float32, the initial params) 0.125 GB; gradients 0.125 GB: about 0.6 GB;
+- activations with per-layer remat (bf16): each layer keeps its input, 2 rows × 4,096 × 4,096 × 2
+  bytes = 64 MiB, × 32 layers = 2 GiB; one layer's recomputation at a time on top (its MLP
+  [8192, 14336] bf16 activations, 224 MiB each, a few of them);
+- FSDP gathers one layer's weights at a time (218M params, 0.44 GB in bf16, twice with overlap);
+- the log-prob head in chunks of 1,024 rows per chip: [1024, 128256] float32 logits = 0.5 GB
+  and their cotangent, instead of 2 × 8,192 × 128,256 × 4 = 8.4 GB for full logits;
+- the vocabulary's embedding gather and the unembedding's gradient: [128256, 4096] float32 =
+  2.1 GB when whole; sharded over fsdp (embed axis) it is 8 MB a chip, but its gradient's
+  all-reduce of the head is summed once (see `dpo_jax.logprobs.chunked_token_logps`).
+The planner's figures are in README ("A step that fits a pod").
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _default_config_module():
+    """configs/default.py, loaded by path (configs/ is not a package; scripts load files)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+    spec = importlib.util.spec_from_file_location("dpo_jax_configs_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The Llama 3 8B TPU config (`arg` is unused: no variants)."""
+    if arg:
+        raise ValueError(f"configs/llama3_8b_tpu.py has no variants (got {arg!r})")
+    config = _default_config_module().get_config()
+    with config.unlocked():
+        # Model
+        config.model.source = "random"
+        config.model.family = "llama"
+        config.model.vocab_size = 128_256
+        config.model.hidden_size = 4096
+        config.model.intermediate_size = 14_336
+        config.model.num_layers = 32
+        config.model.num_heads = 32
+        config.model.num_kv_heads = 8
+        config.model.head_dim = 128
+        config.model.rope_theta = 500_000.0
+        config.model.tie_word_embeddings = False
+        config.model.dtype = "bfloat16"
+        config.model.param_dtype = "float32"
+        config.model.remat = True
+        config.model.attention_impl = "splash"
+        config.model.logits_chunk_size = 1024  # token rows per chunk on each chip
+        # Data: 4,096-token rows, 256 pairs a step.
+        config.data.max_length = 4096
+        config.data.max_prompt_length = 2048
+        config.data.batch_size = 256
+        config.data.eval_batch_size = 256
+        # DPO
+        config.sft.num_steps = 0
+        config.dpo.reference = "frozen"
+        # Optimizer
+        config.optimizer.name = "adamw"
+        config.optimizer.learning_rate = 5e-7
+        # Mesh: FSDP over every chip.
+        config.mesh.data = 1
+        config.mesh.fsdp = -1
+        config.mesh.tensor = 1
+    config.lock()
+    return config
