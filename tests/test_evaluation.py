@@ -147,3 +147,20 @@ def test_bad_scoring_input_is_refused():
         evaluation.sequence_logps(_SYNTHETIC, params, [[1], [1]], [[2], []])
     with pytest.raises(ValueError, match="is empty"):
         sampling.encode_prompt(synthetic.make_tokenizer(), "")
+
+
+def test_generation_and_scoring_take_params_sharded_as_training_leaves_them():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    config = _SYNTHETIC
+    params = _random_params(config)
+    mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
+    placed = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated over 8
+    prompts, completions = [[1, 4, 9, 17], [1, 5, 17]], [[9, 2], [5, 5, 2]]
+    ours = evaluation.sequence_logps(config, placed, prompts, completions)
+    np.testing.assert_array_equal(
+        ours, evaluation.sequence_logps(config, params, prompts, completions)
+    )
+    sharded = sampling.generate(config, placed, prompts, max_new_tokens=4, eos_id=())
+    plain = sampling.generate(config, params, prompts, max_new_tokens=4, eos_id=())
+    np.testing.assert_array_equal(sharded.tokens, plain.tokens)
