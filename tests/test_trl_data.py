@@ -4,7 +4,7 @@ A SentencePiece-style BPE (Metaspace, bos added by the post-processor, as Llama'
 and wrapped both as a transformers tokenizer (TRL's side) and by `Tokenizer.from_transformers`
 (ours). With `boundary="joint"` dpo_jax's rows, response masks and kept records equal TRL's for
 explicit, implicit and conversational records, with and without truncation; `"separate"`
-differs exactly where a prompt ends in a space.
+differs exactly where a prompt ends in a space. Unpaired (KTO) records equal KTOTrainer's.
 """
 
 import types
@@ -16,10 +16,11 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+from trl.trainer.kto_trainer import KTOTrainer
 
 from dpo_jax.data.batching import collate_rows
 from dpo_jax.data.records import from_sequence
-from dpo_jax.data.tokenize import tokenize_records
+from dpo_jax.data.tokenize import tokenize_records, tokenize_unpaired_records
 from dpo_jax.tokenizer import Tokenizer
 
 CORPUS = [
@@ -169,3 +170,38 @@ def test_separate_boundary_differs_where_the_prompt_ends_in_a_space(hf_tokenizer
     trl_prompt = expected["input_ids"][0][~expected["completion_mask"][0].astype(bool)]
     assert ours_tokenizer.decode(prompt[prompt != ours_tokenizer.pad_id]).endswith("is ")
     assert len(prompt[prompt != ours_tokenizer.pad_id]) == len(trl_prompt) + 1
+
+
+KTO_RECORDS = [
+    {"prompt": "The sky is ", "completion": "blue.", "label": True},
+    {"prompt": "The grass is", "completion": " red.", "label": False},
+    {"prompt": "Say yes or no.", "completion": " Yes.", "label": True},
+    {"prompt": "Water is", "completion": " dry.", "label": False},
+    {"prompt": "What colour is the sky?", "completion": " Green.", "label": False},
+]
+
+
+def test_unpaired_records_equal_trl_kto(hf_tokenizer):
+    # KTOTrainer's dataset code: prompt + completion as one text, eos added, completions rotated
+    # by one within each run of per_device_train_batch_size records for the KL term.
+    stand_in = types.SimpleNamespace(
+        _tokenizer=hf_tokenizer, calculate_KL=True, desirable_weight=1.0, undesirable_weight=1.0
+    )
+    args = types.SimpleNamespace(
+        dataset_num_proc=None, max_length=None, per_device_train_batch_size=2
+    )
+    dataset = KTOTrainer._prepare_dataset(
+        stand_in, datasets.Dataset.from_list(KTO_RECORDS), hf_tokenizer, args, "train"
+    )
+    pairs, _ = tokenize_unpaired_records(
+        from_sequence(KTO_RECORDS),
+        Tokenizer.from_transformers(hf_tokenizer),
+        max_length=64,
+        kl_group_size=2,
+        boundary="joint",
+    )
+    for example, pair in zip(dataset, pairs, strict=True):
+        assert pair.prompt_ids.tolist() == example["prompt_ids"]
+        assert pair.chosen_ids.tolist() == example["completion_ids"]
+        assert pair.rejected_ids.tolist() == example["KL_completion_ids"]
+        assert pair.label is example["label"]

@@ -33,6 +33,25 @@ class PreferenceText:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnpairedText:
+    """One unpaired (KTO) record as text: a completion of the prompt, desirable or not.
+
+    Attributes:
+      prompt: the prompt text (for conversations, rendered with the generation prompt).
+      completion: the completion text, following the prompt directly.
+      label: True when the completion is desirable, False when it is not.
+      where: where the record came from, for messages.
+      conversational: True when rendered from messages by a chat template (no eos appended).
+    """
+
+    prompt: str
+    completion: str
+    label: bool
+    where: str
+    conversational: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class RawRecord:
     """A record as read, before normalisation, with its place for error messages."""
 
@@ -163,6 +182,44 @@ def normalize_record(
     return PreferenceText(prompt, chosen, rejected, where)
 
 
+def normalize_unpaired_record(raw: RawRecord, tokenizer: Any = None) -> UnpairedText:
+    """Turns a KTO record, `prompt`, `completion` and a boolean `label`, into UnpairedText.
+
+    `prompt` and `completion` are both strings, or both lists of `{"role", "content"}` messages
+    (rendered as `normalize_record` renders a conversation); `label` must be a bool (True =
+    desirable), as TRL's KTOTrainer reads it: 0/1, "yes" or None are refused, not guessed.
+
+    Raises:
+      ValueError: a field is missing (the message lists the fields found) or `label` is not a
+        bool, naming the record.
+      TypeError: a field has the wrong type, or the shapes are mixed.
+    """
+    record, where = raw.record, raw.where
+    for key in ("prompt", "completion", "label"):
+        if key not in record or record[key] is None:
+            raise ValueError(
+                f"{where}: unpaired (KTO) record has no {key!r} field (found: {sorted(record)})"
+            )
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise ValueError(
+            f"{where}: field 'label' must be a boolean (True = desirable completion), "
+            f"found {label!r} ({type(label).__name__})"
+        )
+    prompt = _check_field(record["prompt"], "prompt", where)
+    completion = _check_field(record["completion"], "completion", where)
+    if isinstance(prompt, list) != isinstance(completion, list):
+        kinds = {"prompt": type(prompt).__name__, "completion": type(completion).__name__}
+        raise TypeError(f"{where}: mixed record shapes: {kinds} (use all strings or all messages)")
+    if not isinstance(prompt, list):
+        return UnpairedText(prompt, completion, label, where)
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where}: a conversational record needs a tokenizer with a chat template")
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    response = _rendered_response(tokenizer, prompt, completion, prompt_text, "completion", where)
+    return UnpairedText(prompt_text, response, label, where, conversational=True)
+
+
 def split_common_prefix(
     chosen: str, rejected: str, *, response_marker: str = DEFAULT_RESPONSE_MARKER
 ) -> tuple[str, str, str]:
@@ -227,17 +284,23 @@ def _render_conversation(fields: dict, where: str, tokenizer: Any) -> Preference
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-    responses = []
-    for name, messages in (("chosen", chosen), ("rejected", rejected)):
-        if not messages:  # nothing to render: counted later as an empty response
-            responses.append("")
-            continue
-        full_text = tokenizer.apply_chat_template(prompt + messages, add_generation_prompt=False)
-        if not full_text.startswith(prompt_text):
-            raise ValueError(
-                f"{where}: the rendered prompt is not a prefix of the rendered prompt + {name} "
-                f"(the chat template renders a turn differently once it is followed by a "
-                f"response): {prompt_text[-60:]!r} vs {full_text[: len(prompt_text)][-60:]!r}"
-            )
-        responses.append(full_text[len(prompt_text) :])
+    responses = [
+        _rendered_response(tokenizer, prompt, messages, prompt_text, name, where)
+        for name, messages in (("chosen", chosen), ("rejected", rejected))
+    ]
     return PreferenceText(prompt_text, responses[0], responses[1], where, conversational=True)
+
+
+def _rendered_response(tokenizer, prompt, messages, prompt_text: str, name: str, where: str) -> str:
+    """render(prompt + messages) minus the rendered prompt; "" for no messages (counted later as
+    an empty response)."""
+    if not messages:
+        return ""
+    full_text = tokenizer.apply_chat_template(prompt + messages, add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError(
+            f"{where}: the rendered prompt is not a prefix of the rendered prompt + {name} "
+            f"(the chat template renders a turn differently once it is followed by a "
+            f"response): {prompt_text[-60:]!r} vs {full_text[: len(prompt_text)][-60:]!r}"
+        )
+    return full_text[len(prompt_text) :]

@@ -12,7 +12,9 @@ from dpo_jax.data.records import (
     DEFAULT_RESPONSE_MARKER,
     PreferenceText,
     RawRecord,
+    UnpairedText,
     normalize_record,
+    normalize_unpaired_record,
 )
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -81,12 +83,16 @@ class TokenizedPair:
       chosen_ids: [Rc] int32, the chosen response and its eos (unless truncation cut it).
       rejected_ids: [Rr] int32, likewise.
       where: the record's place, for messages.
+      label: None for a preference pair. For an unpaired (KTO) record: True when the completion
+        (held as `chosen_ids`) is desirable; `rejected_ids` then holds another record's
+        completion, scored under this prompt for KTO's reference point z₀.
     """
 
     prompt_ids: np.ndarray
     chosen_ids: np.ndarray
     rejected_ids: np.ndarray
     where: str
+    label: bool | None = None
 
     @property
     def lengths(self) -> tuple[int, int]:
@@ -245,6 +251,102 @@ def tokenize_records(
     return pairs, stats
 
 
+def tokenize_unpaired_records(
+    raw_records: Iterable[RawRecord],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    kl_group_size: int,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    prompt_too_long: str = "truncate",
+    boundary: str = "separate",
+) -> tuple[list[TokenizedPair], DataStats]:
+    """KTO records (prompt, completion, boolean label) as pairs: the completion in the chosen
+    slot, a mismatched completion in the rejected slot, `label` set.
+
+    The mismatched completions are TRL's (KTOTrainer's `KL_completion_ids`): the kept records
+    are cut into runs of `kl_group_size` (the batch size), and within each run record i takes
+    record i − 1's completion, the first the last's: (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n−1}).
+    Each completion is tokenised and truncated as a response of `tokenize_pair` (it counts as
+    "chosen" in the truncation counts); the mismatched one is cut to the same budget.
+
+    Raises:
+      ValueError, TypeError: a malformed record (`records.normalize_unpaired_record`: a missing
+        or non-boolean label names the record), an invalid limit, or kl_group_size < 2.
+    """
+    check_limits(max_length, max_prompt_length, truncation_mode, prompt_too_long, boundary)
+    if not isinstance(kl_group_size, int) or kl_group_size < 2:
+        raise ValueError(
+            f"kl_group_size={kl_group_size!r} must be an int >= 2 (KTO's reference point needs "
+            "completions of other records)"
+        )
+    limits = dict(
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+        prompt_too_long=prompt_too_long,
+        boundary=boundary,
+    )
+    stats = DataStats()
+    kept = []
+    for raw in raw_records:
+        item = _tokenize_unpaired(
+            normalize_unpaired_record(raw, tokenizer), tokenizer, stats, limits
+        )
+        if item is not None:
+            kept.append(item)
+    pairs = []
+    for start in range(0, len(kept), kl_group_size):
+        group = kept[start : start + kl_group_size]
+        for index, (prompt_ids, completion_ids, text) in enumerate(group):
+            mismatched = group[index - 1][1][: max_length - len(prompt_ids)]
+            as_array = lambda ids: np.asarray(ids, dtype=np.int32)  # noqa: E731
+            pairs.append(
+                TokenizedPair(
+                    as_array(prompt_ids),
+                    as_array(completion_ids),
+                    as_array(mismatched),
+                    text.where,
+                    label=text.label,
+                )
+            )
+    return pairs, stats
+
+
+def _tokenize_unpaired(text: UnpairedText, tokenizer: Any, stats: DataStats, limits: dict):
+    """(prompt_ids, completion_ids, text) truncated as `tokenize_pair` does, or None (counted)."""
+    stats.records += 1
+    prompt_ids, completion_ids = _encode_responses(
+        text.prompt, (text.completion,), text.conversational, tokenizer, limits["boundary"]
+    )
+    max_prompt_length, reason, cut = limits["max_prompt_length"], None, set()
+    if not text.completion.strip() or not completion_ids:
+        reason = "empty_response"
+    elif not prompt_ids:
+        reason = "empty_prompt"
+    elif max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        if limits["prompt_too_long"] == "drop":
+            reason = "prompt_too_long"
+        else:
+            mode = limits["truncation_mode"]
+            prompt_ids = _cut_prompt(prompt_ids, max_prompt_length, mode, tokenizer)
+            cut.add("prompt")
+    budget = limits["max_length"] - len(prompt_ids)
+    if reason is None and budget <= 0:
+        reason = "no_response_tokens"
+    if reason is not None:
+        stats.dropped[reason] += 1
+        return None
+    if len(completion_ids) > budget:
+        cut.add("chosen")
+    for part in cut:
+        stats.truncated[part] += 1
+    stats.truncated["records"] += bool(cut)
+    stats.kept += 1
+    return prompt_ids, completion_ids[:budget], text
+
+
 def _text_problem(text: PreferenceText) -> str | None:
     if text.chosen == text.rejected:
         return "chosen_equals_rejected"
@@ -276,20 +378,26 @@ def _common_prefix_length(first: list[int], second: list[int]) -> int:
 
 def _encode_pair(text: PreferenceText, tokenizer: Any, boundary: str):
     """(prompt_ids, chosen_ids, rejected_ids) as lists, by the boundary mode (see tokenize_pair)."""
-    add_eos = not text.conversational
-    prompt_ids = _encode_prompt(text.prompt, tokenizer)
+    responses = (text.chosen, text.rejected)
+    return _encode_responses(text.prompt, responses, text.conversational, tokenizer, boundary)
+
+
+def _encode_responses(prompt: str, responses, conversational: bool, tokenizer, boundary: str):
+    """(prompt_ids, *response_ids): eos after non-conversational responses; one prompt for all."""
+    add_eos = not conversational
+    prompt_ids = _encode_prompt(prompt, tokenizer)
     if boundary == "separate":
-        responses = [
+        encoded = [
             _with_eos(list(tokenizer.encode(response)) if response else [], tokenizer, add_eos)
-            for response in (text.chosen, text.rejected)
+            for response in responses
         ]
-        return prompt_ids, *responses
+        return prompt_ids, *encoded
     rows = [
-        _with_eos(_encode_prompt(text.prompt + response, tokenizer), tokenizer, add_eos)
-        for response in (text.chosen, text.rejected)
+        _with_eos(_encode_prompt(prompt + response, tokenizer), tokenizer, add_eos)
+        for response in responses
     ]
     prompt_length = min(_common_prefix_length(prompt_ids, row) for row in rows)
-    return prompt_ids[:prompt_length], rows[0][prompt_length:], rows[1][prompt_length:]
+    return prompt_ids[:prompt_length], *(row[prompt_length:] for row in rows)
 
 
 def _cut_prompt(ids: list[int], limit: int, truncation_mode: str, tokenizer: Any) -> list[int]:

@@ -14,6 +14,7 @@ from dpo_jax.data.tokenize import (
     DataStats,
     tokenize_pair,
     tokenize_records,
+    tokenize_unpaired_records,
 )
 
 
@@ -196,3 +197,77 @@ def test_stats_report_every_key():
 def test_invalid_limits_are_errors(limits, message):
     with pytest.raises(ValueError, match=message):
         _tokenize([{"prompt": "a", "chosen": "b", "rejected": "c"}], **limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpaired (KTO) records: prompt, completion, boolean label
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokenize_unpaired(records, **limits):
+    raw = [RawRecord(record, f"records[{i}]") for i, record in enumerate(records)]
+    limits.setdefault("max_length", 32)
+    limits.setdefault("kl_group_size", 3)
+    return tokenize_unpaired_records(raw, make_word_tokenizer(), **limits)
+
+
+def test_unpaired_records_take_the_previous_completion_within_each_group():
+    records = [
+        {"prompt": "a", "completion": "b", "label": True},
+        {"prompt": "c", "completion": "d e", "label": False},
+        {"prompt": "f", "completion": "g", "label": True},
+        {"prompt": "h", "completion": "a b", "label": False},  # a second group of one
+    ]
+    pairs, stats = _tokenize_unpaired(records)
+    # (x_1, y_3), (x_2, y_1), (x_3, y_2) in the first group; the lone last record takes its own.
+    assert [_as_lists(pair) for pair in pairs] == [
+        ([1, 4], [5, 2], [10, 2]),
+        ([1, 6], [7, 8, 2], [5, 2]),
+        ([1, 9], [10, 2], [7, 8, 2]),
+        ([1, 11], [4, 5, 2], [4, 5, 2]),
+    ]
+    assert [pair.label for pair in pairs] == [True, False, True, False]
+    assert stats.kept == 4
+
+
+def test_unpaired_conversational_record_gets_no_eos():
+    record = {
+        "prompt": [{"role": "user", "content": "a"}],
+        "completion": [{"role": "assistant", "content": "b"}],
+        "label": False,
+    }
+    (pair, _), _ = _tokenize_unpaired([record, record], kl_group_size=2)
+    assert _as_lists(pair) == ([1, 14, 4, 16, 15], [5, 16], [5, 16])
+
+
+def test_unpaired_truncation_and_drops_are_counted():
+    records = [
+        {"prompt": "a b c d e", "completion": "f g h", "label": True},  # prompt fills the row
+        {"prompt": "a", "completion": "f g h", "label": True},  # completion cut to 3 tokens
+        {"prompt": "b", "completion": " ", "label": False},  # empty
+    ]
+    pairs, stats = _tokenize_unpaired(records, max_length=5, kl_group_size=2)
+    assert [_as_lists(pair) for pair in pairs] == [([1, 4], [9, 10, 11], [9, 10, 11])]
+    counts = stats.as_dict()
+    assert counts["dropped/no_response_tokens"] == 1 and counts["dropped/empty_response"] == 1
+    assert counts["truncated/chosen"] == 1 and counts["truncated/records"] == 1
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": "a", "completion": "b"}, "records[0]: unpaired (KTO) record has no 'label'"),
+        ({"prompt": "a", "completion": "b", "label": 1}, "field 'label' must be a boolean"),
+        ({"prompt": "a", "completion": "b", "label": "yes"}, "found 'yes' (str)"),
+        ({"prompt": "a", "label": True}, "has no 'completion' field (found: ['label', 'prompt'])"),
+    ],
+)
+def test_unpaired_records_without_a_boolean_label_are_errors(record, message):
+    with pytest.raises(ValueError) as error:
+        _tokenize_unpaired([record])
+    assert message in str(error.value)
+
+
+def test_unpaired_group_size_below_two_is_an_error():
+    with pytest.raises(ValueError, match="kl_group_size=1 must be an int >= 2"):
+        _tokenize_unpaired([{"prompt": "a", "completion": "b", "label": True}], kl_group_size=1)
