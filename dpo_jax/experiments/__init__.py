@@ -1,0 +1,1 @@
+"""Experiments built on the library's public functions (`frontier`: reward vs KL)."""
