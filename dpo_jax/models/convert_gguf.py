@@ -325,18 +325,46 @@ def _read_tensors(reader, hf_config: dict[str, Any], path: str) -> dict[str, np.
     return tensors
 
 
+def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a GGUF file alone, in seconds: only the metadata is read (no tensors, no
+    `GGUFReader`), then the same `Tokenizer` as `load_gguf` returns is built.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: not a GGUF file, a damaged header, or an unsupported tokenizer.
+    """
+    from dpo_jax.models.gguf_metadata import read_gguf_metadata
+
+    path = os.fspath(path)
+    metadata = read_gguf_metadata(path)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key not in metadata:
+            raise ValueError(f"{path}: GGUF metadata has no {key!r}")
+    return _tokenizer_from_pieces(
+        list(metadata["tokenizer.ggml.tokens"]),
+        np.asarray(metadata["tokenizer.ggml.scores"], np.float32),
+        np.asarray(metadata["tokenizer.ggml.token_type"], np.int64),
+        metadata,
+        path,
+    )
+
+
 def _tokenizer_from_reader(reader, metadata: dict[str, Any], path: str) -> Tokenizer:
+    tokens = [
+        bytes(part).decode("utf-8") for part in _array_field(reader, "tokenizer.ggml.tokens", path)
+    ]
+    scores = np.concatenate(_array_field(reader, "tokenizer.ggml.scores", path)).astype(np.float32)
+    types = np.concatenate(_array_field(reader, "tokenizer.ggml.token_type", path)).astype(np.int64)
+    return _tokenizer_from_pieces(tokens, scores, types, metadata, path)
+
+
+def _tokenizer_from_pieces(tokens, scores, types, metadata: dict[str, Any], path: str) -> Tokenizer:
     model = metadata.get("tokenizer.ggml.model")
     if model not in SUPPORTED_TOKENIZERS:
         raise ValueError(
             f"{path}: tokenizer.ggml.model={model!r} is not supported "
             f"(supported: {list(SUPPORTED_TOKENIZERS)})"
         )
-    tokens = [
-        bytes(part).decode("utf-8") for part in _array_field(reader, "tokenizer.ggml.tokens", path)
-    ]
-    scores = np.concatenate(_array_field(reader, "tokenizer.ggml.scores", path)).astype(np.float32)
-    types = np.concatenate(_array_field(reader, "tokenizer.ggml.token_type", path)).astype(np.int64)
     if not len(tokens) == len(scores) == len(types):
         raise ValueError(
             f"{path}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types"
