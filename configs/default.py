@@ -141,6 +141,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 100  # save every N optimizer steps (and at a stage's end)
     config.checkpoint.keep = 2  # keep the last N checkpoints of each stage
     config.checkpoint.export_hf = True  # write the final policy to <workdir>/hf (safetensors)
+    # A rerun of a workdir whose saved run config differs in a field that changes the run (model,
+    # data, loss, optimizer, seed) is refused, naming the fields; True: warn and go on.
+    config.checkpoint.allow_changed_config = False  # bool
+
+    # Guards (divergence and collapse)
+    config.guards = ml_collections.ConfigDict()
+    # A step whose loss, gradient norm or new params are not finite is never applied; then:
+    config.guards.on_nonfinite = "stop"  # "stop" (an error naming the step) or "skip" (go on)
+    config.guards.max_skipped_steps = 10  # on_nonfinite="skip": stop after N skipped in a row
+    config.guards.collapse_patience = 3  # warn after N log steps in a row of a collapsed policy
 
     # Logging
     config.log = ml_collections.ConfigDict()

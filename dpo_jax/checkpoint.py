@@ -7,11 +7,15 @@ final checkpoint, or the loaded / initialised model).
 """
 
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from dpo_jax.guards import check_finite
 from dpo_jax.models import ModelConfig, save_hf
 
 
@@ -25,8 +29,13 @@ def make_manager(directory: str, *, keep: int, every_steps: int) -> ocp.Checkpoi
         raise ValueError(
             f"checkpoint.keep={keep} and checkpoint.every_steps={every_steps} must be >= 1"
         )
+    # Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
+    # kill mid-write leaves the previous checkpoints whole; the partial one is removed here.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=every_steps, create=True
+        max_to_keep=keep,
+        save_interval_steps=every_steps,
+        create=True,
+        cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
@@ -50,6 +59,9 @@ def save(
       data_state: the data iterator's `get_state()`, JSON-serialisable.
       force: save even when `step` is not a multiple of every_steps.
     """
+    if not (force or manager.should_save(step)):
+        return False
+    check_finite(state.params, f"checkpoint of step {step}")  # never write NaN weights
     items = {"train_state": state, "rng": jax.random.key_data(rng)}
     return manager.save(
         step,
@@ -63,7 +75,13 @@ def save(
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any
 ) -> tuple[Any, jax.Array, dict[str, Any]] | None:
-    """The latest checkpoint placed as `abstract_state` says, or None when there is none.
+    """The newest readable checkpoint placed as `abstract_state` says, or None when there is none.
+
+    A checkpoint that cannot be read (truncated or garbage files, a missing item, an empty step
+    directory) is moved to `<checkpoints>/../damaged_checkpoints/<step>` with a message saying
+    why, and the next older one is tried: a damaged newest checkpoint never blocks a restart,
+    and, moved aside, it does not count against `keep`, so the good one it fell back to is kept
+    until a newer one is complete.
 
     Args:
       manager: from `make_manager`.
@@ -72,9 +90,15 @@ def restore_latest(
     Returns:
       (state, rng, data_state) or None.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return _restore(manager, step, abstract_state)
+        except Exception as error:  # noqa: BLE001 - any failure to read means a damaged step
+            _move_aside(manager, step, error)
+    return None
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
     abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     target = {"train_state": abstract_state, "rng": abstract_rng}
     restored = manager.restore(
@@ -84,9 +108,32 @@ def restore_latest(
         ),
     )
     items = restored["state"]
+    if not isinstance(restored["data"], dict):
+        raise ValueError(f"its data-iterator state is {restored['data']!r}, not a JSON object")
     return items["train_state"], jax.random.wrap_key_data(items["rng"]), restored["data"]
 
 
+def _move_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    source = os.path.join(str(manager.directory), str(step))
+    damaged = os.path.join(os.path.dirname(str(manager.directory)), "damaged_checkpoints")
+    os.makedirs(damaged, exist_ok=True)
+    target = os.path.join(damaged, f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+        shutil.move(source, target)
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    print(
+        f"checkpoint {source} is damaged ({reason}); moved it to {target} and falling back to "
+        "the previous checkpoint",
+        file=sys.stderr,
+    )
+    manager.reload()
+
+
 def export_hf(directory: str, model_config: ModelConfig, params: Any) -> None:
-    """Writes the policy as a Hugging Face model directory (config.json + model.safetensors)."""
+    """Writes the policy as a Hugging Face model directory (config.json + model.safetensors).
+
+    Raises:
+      NonFiniteParams: a tensor holds NaN or infinity (nothing is written).
+    """
+    check_finite(params, f"the export to {directory}")
     save_hf(directory, model_config, jax.device_get(params))

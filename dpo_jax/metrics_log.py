@@ -14,17 +14,23 @@ _BAR_FIELDS = {"loss": "loss", "rewards/accuracies": "acc", "tokens_per_second":
 class MetricsWriter:
     """Writes scalar metrics of one stage to `<directory>/metrics.jsonl` and TensorBoard.
 
-    Only process 0 writes; other processes get a writer that does nothing.
+    Only process 0 writes; other processes get a writer that does nothing. A run resumed at
+    `resume_step` first drops the records of later steps (written before a crash, and about to be
+    replayed), so each step is listed once.
     """
 
-    def __init__(self, directory: str, *, tensorboard: bool, enabled: bool = True):
+    def __init__(
+        self, directory: str, *, tensorboard: bool, enabled: bool = True, resume_step: int = 0
+    ):
         self.enabled = enabled
         self._tensorboard = None
         self._jsonl = None
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
-        self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        path = os.path.join(directory, "metrics.jsonl")
+        _drop_records_after(path, resume_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # only runs that want event files pay for it
 
@@ -53,6 +59,28 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites the JSONL file at `path` without the records of steps after `step` (and without
+    a last line cut short by a crash)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)  # atomic: a crash here leaves one of the two files
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a JSONL record, or None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 class ProgressBar:

@@ -76,10 +76,18 @@ def make_optimizer(
       An optax GradientTransformation (the step reports `schedule(step)` as `learning_rate`).
 
     Raises:
-      ValueError: on an unknown name or a weight decay given to RMSprop.
+      ValueError: on an unknown name, a decay outside [0, 1), eps <= 0, or a weight decay
+        given to RMSprop.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is unknown; known: {OPTIMIZERS}")
+    for field, value in (("b1", b1), ("b2", b2), ("rmsprop_decay", rmsprop_decay)):
+        if not 0 <= value < 1:
+            raise ValueError(f"optimizer.{field}={value} must be in [0, 1)")
+    if not eps > 0:
+        raise ValueError(f"optimizer.eps={eps} must be > 0")
+    if weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
     if name == "adamw":
         base = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     else:

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpo_jax import checkpoint, sharding
+from dpo_jax import checkpoint, errors, preemption, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
+from dpo_jax.guards import StepGuard
 from dpo_jax.metrics_log import MetricsWriter, ProgressBar
 
 
@@ -64,6 +65,9 @@ class Context:
     progress_bar: bool
     tensorboard: bool
     final_logit_softcapping: float | None = None  # the model's logit cap, applied to log-probs
+    on_nonfinite: str = "stop"  # a non-finite step: "stop" or "skip" (see dpo_jax.guards)
+    max_skipped_steps: int = 10  # with "skip": stop after this many in a row
+    collapse_patience: int = 3  # warn after this many collapsed-looking log steps in a row
 
 
 def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage):
@@ -241,6 +245,11 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
     Returns:
       (final state, train history): the history lists the fetched train metrics of this run
       (dicts of floats, with "step"), empty when the stage was already complete.
+
+    Raises:
+      errors.Preempted: SIGTERM or SIGINT arrived; a checkpoint of the last finished step was
+        written first.
+      errors.Diverged: a non-finite step (see `dpo_jax.guards`); nothing non-finite was written.
     """
     directory = os.path.join(ctx.workdir, stage.name)
     manager = checkpoint.make_manager(
@@ -253,15 +262,21 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
     if data_state is not None:
         stage.train_batches.set_state(data_state)
     is_main = jax.process_index() == 0
-    writer = MetricsWriter(directory, tensorboard=ctx.tensorboard, enabled=is_main)
+    # Records after `start` are from steps this run replays (a crash after the last checkpoint).
+    writer = MetricsWriter(
+        directory, tensorboard=ctx.tensorboard, enabled=is_main, resume_step=start
+    )
     bar = ProgressBar(
         total=stage.num_steps,
         initial=start,
         description=stage.name,
         enabled=ctx.progress_bar and is_main,
     )
+    guard = StepGuard(stage.name, ctx.on_nonfinite, ctx.max_skipped_steps, ctx.collapse_patience)
+    loop = _Loop(stage, ctx, manager, writer, bar, guard)
     try:
-        state, history = _train_loop(stage, ctx, state, rng, start, manager, writer, bar)
+        with preemption.catch_stop_signals() as stop:
+            state, history = loop.run(state, rng, start, stop)
     finally:
         bar.close()
         writer.close()
@@ -269,53 +284,81 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
     return state, history
 
 
-def _train_loop(stage, ctx, state, rng, start, manager, writer, bar):
-    update, history = None, []
-    pending = None  # (step, device metrics, tokens since last log, time of dispatch)
-    tokens, last_time = 0, time.perf_counter()
-    for step in range(start, stage.num_steps):
-        host_batch = next(stage.train_batches)
-        if update is None:
-            update = compile_update(stage, ctx, state_shardings_of(state), host_batch)
-        state, metrics = update(
-            state, stage.reference, sharding.put_batch(host_batch, ctx.mesh), rng
-        )
-        # host_batch is this host's slice; every host holds an equal slice of the global batch.
-        tokens += jax.process_count() * int(np.count_nonzero(host_batch["segment_ids"]))
-        if pending is not None:  # one step behind: step - 1's metrics are ready or nearly
-            history.append(_log(pending, writer, bar))
-            pending = None
-        done = step + 1
-        if done % ctx.log_every == 0 or done == stage.num_steps:
-            now = time.perf_counter()
-            pending = (done, metrics, tokens / max(now - last_time, 1e-9))
-            tokens, last_time = 0, now
-        bar.update()
-        if ctx.eval_every and done % ctx.eval_every == 0 and stage.eval_batches:
-            metrics_eval = evaluate(stage, state.params, state.reference_params, ctx)
-            writer.write(done, metrics_eval, split="eval")
+@dataclasses.dataclass
+class _Loop:
+    """The training loop of one stage and where it writes."""
+
+    stage: Stage
+    ctx: Context
+    manager: Any
+    writer: MetricsWriter
+    bar: ProgressBar
+    guard: StepGuard
+
+    def run(self, state, rng, start: int, stop: preemption.StopRequest):
+        stage, ctx = self.stage, self.ctx
+        update, history = None, []
+        pending = None  # (step, device metrics, tokens per second) of the last log step
+        tokens, last_time = 0, time.perf_counter()
+        for step in range(start, stage.num_steps):
+            data_position = stage.train_batches.get_state()
+            host_batch = next(stage.train_batches)
+            if update is None:
+                update = compile_update(stage, ctx, state_shardings_of(state), host_batch)
+            state, metrics = update(
+                state, stage.reference, sharding.put_batch(host_batch, ctx.mesh), rng
+            )
+            done = step + 1
+            self.guard.after_dispatch(done, metrics, data_position)
+            # host_batch is this host's slice; every host holds an equal slice of the batch.
+            tokens += jax.process_count() * int(np.count_nonzero(host_batch["segment_ids"]))
+            if pending is not None:  # one step behind: step - 1's metrics are ready or nearly
+                history.append(self._log(pending))
+                pending = None
+            if done % ctx.log_every == 0 or done == stage.num_steps:
+                now = time.perf_counter()
+                pending = (done, metrics, tokens / max(now - last_time, 1e-9))
+                tokens, last_time = 0, now
+            self.bar.update()
+            if ctx.eval_every and done % ctx.eval_every == 0 and stage.eval_batches:
+                metrics_eval = evaluate(stage, state.params, state.reference_params, ctx)
+                self.writer.write(done, metrics_eval, split="eval")
+            if stop.requested:
+                self._preempted(done, state, rng, pending, history, stop.signal_name)
+            self._save(done, state, rng, force=done == stage.num_steps)
+        self.guard.check_pending()
+        if pending is not None:
+            history.append(self._log(pending))
+        return state, history
+
+    def _save(self, done: int, state, rng, *, force: bool) -> None:
         checkpoint.save(
-            manager,
-            done,
-            state,
-            rng,
-            stage.train_batches.get_state(),
-            force=done == stage.num_steps,
+            self.manager, done, state, rng, self.stage.train_batches.get_state(), force=force
         )
-    if pending is not None:
-        history.append(_log(pending, writer, bar))
-    return state, history
+
+    def _preempted(self, done, state, rng, pending, history, signal_name) -> None:
+        """Saves the finished step and stops the run (`errors.Preempted`)."""
+        self.guard.check_pending()  # never save a step that is to be reported as diverged
+        if pending is not None:
+            history.append(self._log(pending))
+        self._save(done, state, rng, force=True)
+        self.manager.wait_until_finished()
+        where = os.path.join(self.ctx.workdir, self.stage.name, "checkpoints", str(done))
+        raise errors.Preempted(
+            f"[{self.stage.name}] {signal_name} received: saved step {done} to {where}; "
+            "rerun the same command to resume"
+        )
+
+    def _log(self, pending) -> dict[str, float]:
+        step, device_metrics, tokens_per_second = pending
+        metrics = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
+        metrics["tokens_per_second"] = tokens_per_second
+        self.writer.write(step, metrics, split="train")
+        self.bar.show(metrics)
+        self.guard.after_log(step, metrics)
+        return {"step": step, **metrics}
 
 
 def state_shardings_of(state: step_lib.TrainState):
     """The shardings a live state's arrays already have (to compile against them)."""
     return jax.tree.map(lambda leaf: leaf.sharding, state)
-
-
-def _log(pending, writer: MetricsWriter, bar: ProgressBar) -> dict[str, float]:
-    step, device_metrics, tokens_per_second = pending
-    metrics = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
-    metrics["tokens_per_second"] = tokens_per_second
-    writer.write(step, metrics, split="train")
-    bar.show(metrics)
-    return {"step": step, **metrics}

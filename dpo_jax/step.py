@@ -192,6 +192,9 @@ def loss_and_metrics(
     prefers_chosen = _flat(policy.logps, 0) > _flat(policy.logps, 1)  # [B·S]
     num_pairs = jnp.maximum(jnp.sum(pair_mask), 1)
     metrics["logps/accuracies"] = jnp.sum(prefers_chosen & pair_mask) / num_pairs
+    # 0 when chosen and rejected get identical log-probs on every pair: a collapsed policy.
+    abs_margin = jnp.abs(_flat(policy.logps, 0) - _flat(policy.logps, 1))  # [B·S]
+    metrics["logps/abs_margin"] = jnp.sum(jnp.where(pair_mask, abs_margin, 0.0)) / num_pairs
     metrics["num_pairs"] = jnp.sum(pair_mask, dtype=jnp.int32)
     return loss, metrics
 
@@ -270,8 +273,9 @@ def update_fn(
       apply_fn, tx, schedule, options, mesh: static, bound with functools.partial before jit.
 
     Returns:
-      (new state, metrics): metrics of `loss_and_metrics` plus grad_norm, learning_rate and
-      num_tokens.
+      (new state, metrics): metrics of `loss_and_metrics` plus grad_norm, learning_rate,
+      num_tokens and nonfinite (1 when the step's loss, gradient norm or new params were not
+      finite: then nothing but `state.step` changed).
     """
     del rng  # the step's key would be jax.random.fold_in(rng, state.step); nothing samples yet
     bound = reference_lib.bind(reference, state.reference_params)
@@ -299,7 +303,27 @@ def update_fn(
             bco_running_mean=metrics["bco/running_mean"],
             bco_running_count=metrics["bco/running_count"],
         )
-    return new_state, metrics
+    finite = _all_finite(metrics["loss"], metrics["grad_norm"], params)
+    metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
+    return _applied_if(finite, new_state, state), metrics
+
+
+def _all_finite(loss: jax.Array, grad_norm: jax.Array, params: Any) -> jax.Array:
+    """[] bool: the loss, the gradient norm and every new param are finite."""
+    leaves_finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.stack(leaves_finite))
+
+
+def _applied_if(finite: jax.Array, new_state: TrainState, state: TrainState) -> TrainState:
+    """The new state where the step was finite; else the old one with only the step counted.
+
+    A guard over the whole state (params, optimizer, bco mean, moving reference) at once: a
+    non-finite step changes nothing but the step counter, so NaN never reaches the params, a
+    checkpoint or an export. optax.apply_if_finite is not used: it checks the gradients only
+    (not the loss or the new params) and guards the optimizer state alone.
+    """
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return kept.replace(step=new_state.step)
 
 
 def eval_fn(

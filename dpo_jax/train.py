@@ -13,18 +13,18 @@ from typing import Any
 import jax
 import ml_collections
 
-from dpo_jax import checkpoint, ref_logps, sharding
+from dpo_jax import checkpoint, ref_logps, run_config, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
+from dpo_jax.config_checks import check_config, loss_names, loss_weights
 from dpo_jax.data import synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
-from dpo_jax.losses import LOSS_VARIANTS
+from dpo_jax.guards import check_finite
 from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
 from dpo_jax.optim import make_optimizer, make_schedule
 from dpo_jax.stage import Context, Stage, evaluate, run_stage
 from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
 
-MODEL_SOURCES = ("random", "hf", "gguf")
 # config.dpo.reference: the kinds of dpo_jax.reference.
 REFERENCES = tuple(reference_lib.KINDS)
 # Losses that read no reference log-probs (sft, simpo, cpo, orpo): with only these, the stage
@@ -55,9 +55,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "train_first": ..., "train_last": ..., "data": data counts}.
 
     Raises:
-      ValueError: an invalid config value (raised before any model is built).
+      ValueError: an invalid config value (raised before any model is built), or a workdir
+        trained with another config (`dpo_jax.run_config`).
+      errors.Preempted: SIGTERM/SIGINT; the step boundary that followed was checkpointed.
+      errors.Diverged: a non-finite step (`config.guards`); nothing non-finite was written.
     """
     check_config(config)
+    run_config.check_workdir(config, workdir)
     mesh = make_mesh(config)
     tokenizer, model_config, loaded_params = load_model(config, workdir)
     ctx = make_context(config, mesh, model_config, workdir)
@@ -97,51 +101,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 # ----------------------------------------------------------------------------- configuration
-
-
-def loss_names(loss_type: str) -> tuple[str, ...]:
-    """'sigmoid' or 'sigmoid,sft' -> ('sigmoid',) or ('sigmoid', 'sft')."""
-    return tuple(name.strip() for name in loss_type.split(",") if name.strip())
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates the values that would otherwise fail deep inside jax, before anything is built.
-
-    Raises:
-      ValueError: naming the field, its value and what was expected.
-    """
-    for name in loss_names(config.dpo.loss_type) or ("",):
-        if name not in LOSS_VARIANTS:
-            raise ValueError(
-                f"config.dpo.loss_type: unknown loss {name!r}; known: {sorted(LOSS_VARIANTS)}"
-            )
-    if config.model.source not in MODEL_SOURCES:
-        raise ValueError(f"config.model.source={config.model.source!r}; allowed: {MODEL_SOURCES}")
-    if config.model.source == "hf" and not config.model.hf_path:
-        raise ValueError("config.model.source='hf' needs config.model.hf_path (a model directory)")
-    if config.dpo.reference not in REFERENCES:
-        raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; allowed: {REFERENCES}")
-    if (config.dpo.reference == "moving") != (config.dpo.ref_sync_every > 0):
-        raise ValueError(
-            f"config.dpo.ref_sync_every={config.dpo.ref_sync_every} with "
-            f"config.dpo.reference={config.dpo.reference!r}: TR-DPO is reference='moving' with "
-            "ref_sync_every >= 1; every other kind needs ref_sync_every=0"
-        )
-    if not 0 <= config.dpo.ref_sync_alpha <= 1:
-        raise ValueError(f"config.dpo.ref_sync_alpha={config.dpo.ref_sync_alpha} must be in [0, 1]")
-    for field in ("sft.num_steps", "dpo.num_steps"):
-        group, key = field.split(".")
-        if config[group][key] < 0:
-            raise ValueError(f"config.{field}={config[group][key]} must be >= 0")
-    if config.optimizer.grad_accum_steps < 1:
-        raise ValueError(
-            f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps} must be >= 1"
-        )
-    if config.data.batch_size % config.optimizer.grad_accum_steps:
-        raise ValueError(
-            f"config.data.batch_size={config.data.batch_size} must be divisible by "
-            f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
-        )
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -247,12 +206,16 @@ def make_context(config, mesh, model_config: ModelConfig, workdir: str) -> Conte
         progress_bar=config.log.progress_bar,
         tensorboard=config.log.tensorboard,
         final_logit_softcapping=model_config.final_logit_softcapping,
+        on_nonfinite=config.guards.on_nonfinite,
+        max_skipped_steps=config.guards.max_skipped_steps,
+        collapse_patience=config.guards.collapse_patience,
     )
 
 
 def initial_params(model_config: ModelConfig, loaded: Any, ctx: Context, seed: int) -> Any:
     """Loaded params placed by their shardings, or a random init compiled to land sharded."""
     if loaded is not None:
+        check_finite(loaded, "the loaded model")
         return jax.device_put(loaded, ctx.param_shardings)
     init = jax.jit(functools.partial(init_params, model_config), out_shardings=ctx.param_shardings)
     return init(jax.random.key(seed))
@@ -331,7 +294,7 @@ def loss_options(
     config, loss_type: tuple[str, ...], final_logit_softcapping: float | None = None
 ) -> step_lib.LossOptions:
     """The step's static options for `loss_type`, from the config's DPO and model fields."""
-    weights = tuple(float(w) for w in config.dpo.loss_weights.split(",") if w.strip()) or None
+    weights = loss_weights(config.dpo.loss_weights)
     return step_lib.LossOptions(
         loss_type=loss_type,
         loss_weights=weights if loss_type != ("sft",) else None,

@@ -6,6 +6,7 @@ pick a variant with `--config=configs/default.py:tiny`. Rerunning with the same 
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,6 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training c
 _WORKDIR = flags.DEFINE_string(
     "workdir", "./runs/default", "Checkpoints, metrics and the exported model go here."
 )
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the full traceback.")
 
 
 def main(argv):
@@ -25,9 +27,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs each checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    from dpo_jax.train import train_and_evaluate  # after flag parsing, so --help stays fast
+    from dpo_jax import errors  # after flag parsing, so --help stays fast
+    from dpo_jax.train import train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except Exception as error:  # noqa: BLE001 - errors.report re-raises what is not the user's
+        sys.exit(errors.report(error, verbose=_VERBOSE.value))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,21 @@ def test_mesh_that_does_not_fit_the_devices():
         (dict(dpo__ref_sync_alpha=1.5), r"ref_sync_alpha=1.5 must be in \[0, 1\]"),
         (dict(optimizer__grad_accum_steps=3), r"batch_size=8 must be divisible by .*=3"),
         (dict(dpo__num_steps=-1), r"dpo.num_steps=-1 must be >= 0"),
+        # Issue 17: each of these failed only after SFT had trained, or was not checked at all.
+        (dict(dpo__label_smoothing=0.7), r"config.dpo \(loss_type='sigmoid'\): label_smoothing"),
+        (dict(dpo__loss_weights="1,2"), r"config.dpo \(loss_type='sigmoid'\): .*loss_weights"),
+        (dict(dpo__loss_weights="a,b"), r"config.dpo.loss_weights='a,b': 'a' is not a number"),
+        (dict(optimizer__learning_rate=0.0), r"config.optimizer: learning_rate=0.0 must be > 0"),
+        (dict(sft__learning_rate=-1.0), r"config.sft: learning_rate=-1.0 must be > 0"),
+        (dict(log__every_steps=0), r"config.log.every_steps=0 must be >= 1"),
+        (dict(optimizer__b1=1.5), r"config.optimizer.b1=1.5 must be in \[0, 1\)"),
+        (dict(optimizer__eps=0.0), r"config.optimizer.eps=0.0 must be > 0"),
+        (dict(dpo__beta=0.0), r"config.dpo \(loss_type='sigmoid'\): beta=0.0"),
+        (dict(data__max_length=1), r"config.data: max_length=1 must be an int >= 2"),
+        (dict(data__truncation_mode="middle"), r"config.data: truncation_mode='middle'"),
+        (dict(guards__on_nonfinite="ignore"), r"config.guards.on_nonfinite='ignore'; allowed"),
+        (dict(checkpoint__keep=0), r"config.checkpoint.keep=0 must be >= 1"),
+        (dict(model__dtype="float16"), r"config.model.dtype='float16'; allowed"),
     ],
 )
 def test_bad_config_values_fail_before_anything_is_built(changes, message):

@@ -1,0 +1,203 @@
+"""Every setting of a training config checked in one place, before any model is built.
+
+`check_config` runs the library's own validators (the loss's hyper-parameter checks, the
+schedule, the optimizer, the data limits and batching) on the config's values, plus range checks
+for the fields that have no validator of their own, so a bad value fails in a second with the
+field named, not after SFT has trained for minutes. Reusing the validators, rather than restating
+their rules here, keeps one definition of what is allowed.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from dpo_jax import reference as reference_lib
+from dpo_jax.data.pipeline import check_batching
+from dpo_jax.data.tokenize import check_limits
+from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn
+from dpo_jax.models.config import ATTENTION_IMPLS
+from dpo_jax.optim import make_optimizer, make_schedule
+
+MODEL_SOURCES = ("random", "hf", "gguf")
+DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop", "skip")
+
+
+def loss_names(loss_type: str) -> tuple[str, ...]:
+    """'sigmoid' or 'sigmoid,sft' -> ('sigmoid',) or ('sigmoid', 'sft')."""
+    return tuple(name.strip() for name in loss_type.split(",") if name.strip())
+
+
+def loss_weights(text: str, field: str = "config.dpo.loss_weights") -> tuple[float, ...] | None:
+    """'1,0.5' -> (1.0, 0.5); '' -> None.
+
+    Raises:
+      ValueError: an entry that is not a number.
+    """
+    weights = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        try:
+            weights.append(float(entry))
+        except ValueError:
+            raise ValueError(f"{field}={text!r}: {entry!r} is not a number") from None
+    return tuple(weights) or None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validates every field a run reads, so that a bad value fails before anything is built.
+
+    Raises:
+      ValueError: naming the field, its value and what was expected.
+    """
+    _check_non_negative(
+        config,
+        ("sft.num_steps", "dpo.num_steps", "log.eval_every_steps", "log.num_eval_batches"),
+    )
+    _check_positive(config, ("checkpoint.every_steps", "checkpoint.keep", "log.every_steps"))
+    _check_model(config.model)
+    _check_loss(config.dpo)
+    _check_reference(config.dpo)
+    _check_optimizer(config)
+    _check_data(config.data, config.optimizer.grad_accum_steps)
+    _check_choice(config, "guards.on_nonfinite", ON_NONFINITE)
+    _check_positive(config, ("guards.collapse_patience", "guards.max_skipped_steps"))
+
+
+def _value(config: ml_collections.ConfigDict, field: str) -> Any:
+    group, key = field.split(".")
+    return config[group][key]
+
+
+def _check_positive(config, fields) -> None:
+    for field in fields:
+        if not _value(config, field) >= 1:
+            raise ValueError(f"config.{field}={_value(config, field)!r} must be >= 1")
+
+
+def _check_non_negative(config, fields) -> None:
+    for field in fields:
+        if not _value(config, field) >= 0:
+            raise ValueError(f"config.{field}={_value(config, field)!r} must be >= 0")
+
+
+def _check_choice(config, field: str, allowed: tuple[str, ...]) -> None:
+    if _value(config, field) not in allowed:
+        raise ValueError(f"config.{field}={_value(config, field)!r}; allowed: {allowed}")
+
+
+def _check_model(model: ml_collections.ConfigDict) -> None:
+    if model.source not in MODEL_SOURCES:
+        raise ValueError(f"config.model.source={model.source!r}; allowed: {MODEL_SOURCES}")
+    if model.source == "hf" and not model.hf_path:
+        raise ValueError("config.model.source='hf' needs config.model.hf_path (a model directory)")
+    for field in ("dtype", "param_dtype"):
+        if model[field] not in DTYPES:
+            raise ValueError(f"config.model.{field}={model[field]!r}; allowed: {DTYPES}")
+    if model.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"config.model.attention_impl={model.attention_impl!r}; allowed: {ATTENTION_IMPLS}"
+        )
+    if model.logits_chunk_size < 0:
+        raise ValueError(f"config.model.logits_chunk_size={model.logits_chunk_size} must be >= 0")
+
+
+def _check_loss(dpo: ml_collections.ConfigDict) -> None:
+    """The loss's own checks, run on one dummy pair with the config's hyper-parameters."""
+    names = loss_names(dpo.loss_type)
+    for name in names or ("",):
+        if name not in LOSS_VARIANTS:
+            raise ValueError(
+                f"config.dpo.loss_type: unknown loss {name!r}; known: {sorted(LOSS_VARIANTS)}"
+            )
+    weights = loss_weights(dpo.loss_weights)
+    one = jnp.zeros((1,), jnp.float32)
+    try:
+        dpo_loss_fn(
+            one,
+            one,
+            one,
+            one,
+            beta=dpo.beta,
+            loss_type=names,
+            label_smoothing=dpo.label_smoothing,
+            loss_weights=weights,
+            chosen_lengths=one + 1,
+            rejected_lengths=one + 1,
+        )
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"config.dpo (loss_type={dpo.loss_type!r}): {error}") from None
+
+
+def _check_reference(dpo: ml_collections.ConfigDict) -> None:
+    kinds = tuple(reference_lib.KINDS)
+    if dpo.reference not in kinds:
+        raise ValueError(f"config.dpo.reference={dpo.reference!r}; allowed: {kinds}")
+    if (dpo.reference == "moving") != (dpo.ref_sync_every > 0):
+        raise ValueError(
+            f"config.dpo.ref_sync_every={dpo.ref_sync_every} with "
+            f"config.dpo.reference={dpo.reference!r}: TR-DPO is reference='moving' with "
+            "ref_sync_every >= 1; every other kind needs ref_sync_every=0"
+        )
+    if not 0 <= dpo.ref_sync_alpha <= 1:
+        raise ValueError(f"config.dpo.ref_sync_alpha={dpo.ref_sync_alpha} must be in [0, 1]")
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+    """The schedules of both stages and the optimizer, built as training builds them."""
+    opt = config.optimizer
+    stages = [("optimizer", opt.learning_rate, opt.warmup_steps, config.dpo.num_steps)]
+    if config.sft.num_steps:
+        sft = config.sft
+        stages.append(("sft", sft.learning_rate, sft.warmup_steps, sft.num_steps))
+    for group, learning_rate, warmup_steps, num_steps in stages:
+        try:
+            schedule = make_schedule(
+                learning_rate,
+                warmup_steps=min(warmup_steps, num_steps),
+                decay=opt.decay,
+                total_steps=max(num_steps, 1),
+                final_fraction=opt.final_fraction,
+            )
+        except ValueError as error:
+            raise ValueError(f"config.{group}: {error}") from None
+        if warmup_steps < 0:
+            raise ValueError(f"config.{group}.warmup_steps={warmup_steps} must be >= 0")
+    try:
+        make_optimizer(
+            opt.name,
+            schedule,
+            weight_decay=opt.weight_decay,
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            rmsprop_decay=opt.rmsprop_decay,
+            max_grad_norm=opt.max_grad_norm or None,
+        )
+    except ValueError as error:
+        raise ValueError(f"config.{error}") from None  # its messages name "optimizer.<field>"
+    if opt.max_grad_norm < 0:
+        raise ValueError(f"config.optimizer.max_grad_norm={opt.max_grad_norm} must be >= 0")
+    if opt.grad_accum_steps < 1:
+        raise ValueError(f"config.optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
+
+
+def _check_data(data: ml_collections.ConfigDict, grad_accum_steps: int) -> None:
+    try:
+        check_limits(
+            data.max_length,
+            data.max_prompt_length or None,
+            data.truncation_mode,
+            data.prompt_too_long,
+        )
+        for batch_size in (data.batch_size, data.eval_batch_size):
+            check_batching(batch_size, data.pairs_per_row, None, 0, 1)
+    except ValueError as error:
+        raise ValueError(f"config.data: {error}") from None
+    if data.batch_size % grad_accum_steps:
+        raise ValueError(
+            f"config.data.batch_size={data.batch_size} must be divisible by "
+            f"config.optimizer.grad_accum_steps={grad_accum_steps}"
+        )
