@@ -306,7 +306,7 @@ def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -
 
 
 def _check_batch(batch: dict[str, jax.Array]) -> None:
-    missing = [key for key in (*_BATCH_KEYS, "pair_mask") if key not in batch]
+    missing = [key for key in _BATCH_KEYS if key not in batch]
     if missing:
         raise ValueError(f"logprob_fn: batch has no {missing} (found: {sorted(batch)})")
     shape = batch["tokens"].shape
@@ -315,7 +315,16 @@ def _check_batch(batch: dict[str, jax.Array]) -> None:
     for key in _BATCH_KEYS[1:]:
         if batch[key].shape != shape:
             raise ValueError(f"logprob_fn: batch[{key!r}] is {batch[key].shape}, expected {shape}")
-    pair_mask = batch["pair_mask"].shape
+    if "pair_mask" not in batch and not isinstance(batch["segment_ids"], jax.core.Tracer):
+        # Without pair_mask a row holds one pair (S = 1); a packed batch would lose pairs 2..k.
+        # Checked when the ids are concrete; under jit this is the caller's promise.
+        most = int(jnp.max(batch["segment_ids"]))
+        if most > 1:
+            raise ValueError(
+                f"logprob_fn: batch['segment_ids'] reaches {most} (packed rows) but the batch has "
+                "no 'pair_mask'; pass pair_mask [B, S] for packed batches"
+            )
+    pair_mask = batch["pair_mask"].shape if "pair_mask" in batch else (shape[0], 1)
     if len(pair_mask) != 2 or pair_mask[0] != shape[0]:
         raise ValueError(f"logprob_fn: batch['pair_mask'] is {pair_mask}, expected [{shape[0]}, S]")
 
@@ -339,7 +348,8 @@ def logprob_fn(
       apply_fn: (params, tokens [2B, T], positions [2B, T], segment_ids [2B, T]) ->
         (hidden [2B, T, D], unembedding [D, V]), hidden being the final (normed) hidden states.
       params: the model's parameters, passed through to apply_fn.
-      batch: tokens, response_mask, positions, segment_ids, each [B, 2, T]; pair_mask [B, S].
+      batch: tokens, response_mask, positions, segment_ids, each [B, 2, T]; pair_mask [B, S],
+        optional for unpacked batches (one pair per row: S = 1).
       logits_chunk_size: None for full [2B, T, V] logits; else rows per chunk of the chunked path.
       final_logit_softcapping: the model's logit soft-cap, cap·tanh(logits / cap), or None. It
         must be the model config's `final_logit_softcapping`: apply_fn returns hidden states, not
@@ -354,7 +364,7 @@ def logprob_fn(
     """
     _check_batch(batch)
     batch_size, _, length = batch["tokens"].shape
-    num_segments = batch["pair_mask"].shape[1]
+    num_segments = batch["pair_mask"].shape[1] if "pair_mask" in batch else 1
     tokens, response_mask, positions, segment_ids = (
         batch[key].reshape(2 * batch_size, length)  # [2B, T]
         for key in _BATCH_KEYS

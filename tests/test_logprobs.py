@@ -371,8 +371,10 @@ def test_packed_pairs_equal_pairs_alone(logits_chunk_size):
 
 def test_logprob_fn_rejects_bad_batch():
     params, batch = init_toy_params(), pack_pairs(ROWS, length=9)
-    with pytest.raises(ValueError, match="pair_mask"):
-        logprob_fn(toy_apply, params, {k: v for k, v in batch.items() if k != "pair_mask"})
+    # pair_mask may be left out of an unpacked batch (one pair per row), not of a packed one.
+    packed = pack_pairs([[ROWS[0][0], ROWS[1][0]]], length=16)
+    with pytest.raises(ValueError, match=r"segment_ids'\] reaches 2 .* no 'pair_mask'"):
+        logprob_fn(toy_apply, params, {k: v for k, v in packed.items() if k != "pair_mask"})
     with pytest.raises(ValueError, match="positions"):
         logprob_fn(toy_apply, params, {**batch, "positions": batch["positions"][:, :, :8]})
     with pytest.raises(ValueError, match=r"\[B, 2, T\]"):

@@ -122,6 +122,10 @@ def test_log_probs_match_transformers(setup):
     expected = _torch_logps(trainer.model, inputs)
     got = np.concatenate([np.asarray(logps[:, 0, 0]), np.asarray(logps[:, 1, 0])])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # An unpacked batch needs no pair_mask (one pair per row).
+    batch = {k: v for k, v in _our_batch(inputs).items() if k != "pair_mask"}
+    unmasked = logprob_fn(make_apply_fn(config), params, batch).logps
+    np.testing.assert_array_equal(unmasked, logps)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
