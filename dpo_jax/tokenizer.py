@@ -13,6 +13,8 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+# The roles chat templates render (transformers' and the model families' templates).
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "ipython", "function"})
 _TOKENIZER_FILE = "tokenizer.json"
 _TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Newer transformers versions save the chat template beside tokenizer_config.json.
@@ -114,18 +116,30 @@ class Tokenizer:
           The rendered text; tokenise it with `encode` (it usually already holds the bos token).
 
         Raises:
-          ValueError: no chat template, or a message without 'role' or 'content'.
+          ValueError: no chat template, a message without 'role' or 'content' or with a role
+            outside CHAT_ROLES, a template syntax error, or a template that recursed forever.
           jinja2.TemplateError: the template raised (e.g. through `raise_exception`).
         """
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         _check_messages(messages)
         if self._compiled_template is None:
-            self._compiled_template = _compile_chat_template(self.chat_template)
+            try:
+                self._compiled_template = _compile_chat_template(self.chat_template)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(
+                    f"the chat template has a syntax error at line {e.lineno}: {e.message}"
+                ) from None
         variables = {"tools": None, "documents": None, **self.special_tokens, **extra}
-        return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
-        )
+        try:
+            return self._compiled_template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables
+            )
+        except RecursionError:
+            raise ValueError(
+                "the chat template recursed without end while rendering (a macro that calls "
+                "itself?)"
+            ) from None
 
     @classmethod
     def from_transformers(cls, hf_tokenizer: Any) -> Tokenizer:
@@ -247,6 +261,11 @@ def _check_messages(messages: Any) -> None:
             raise ValueError(
                 f"messages[{index}] has no {' or '.join(repr(k) for k in missing)} "
                 f"(found keys: {sorted(message)})"
+            )
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(
+                f"messages[{index}] has role {message['role']!r}; chat templates know "
+                f"{sorted(CHAT_ROLES)}"
             )
 
 

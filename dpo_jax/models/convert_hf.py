@@ -244,8 +244,8 @@ def _safetensors_files(model_dir: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        index_content = _read_json(index)
+        weight_map = index_content.get("weight_map") if isinstance(index_content, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: has no 'weight_map' dict")
         files = []
@@ -267,8 +267,29 @@ def read_hf_config(model_dir: str) -> dict[str, Any]:
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no config.json in the model directory")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)
+
+
+def _read_json(path: str) -> Any:
+    """A JSON file's content; a malformed one is a ValueError naming the path, line and column."""
+    with open(path, "rb") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _tensor_names(path: str) -> list[str]:
+    """The tensor names of a safetensors file; a damaged file is a ValueError naming it."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({size} bytes; {e}): truncated or damaged?"
+        ) from None
 
 
 def load_hf(model_dir: str, **config_overrides: Any) -> tuple[ModelConfig, Params]:
@@ -289,9 +310,7 @@ def load_hf(model_dir: str, **config_overrides: Any) -> tuple[ModelConfig, Param
     config = ModelConfig.from_hf_config(read_hf_config(model_dir), **config_overrides)
     tensors = {}
     for path in _safetensors_files(model_dir):
-        with safe_open(path, framework="numpy") as f:
-            names = list(f.keys())
-        for name in names:
+        for name in _tensor_names(path):
             tensors[name] = _LazyTensor(path, name)
     return config, params_from_hf_tensors(config, tensors)
 
