@@ -106,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dpo.bco_reward_shift = "running_mean"  # bco_pair's δ₀: "running_mean"; TRL: "none"
     config.dpo.ipo_form = "per_token"  # ipo on "per_token" log-ratios (TRL's) or "summed" ones
     config.dpo.simpo_gamma = 0.5  # simpo's target reward margin γ (TRL's CPOConfig.simpo_gamma)
+    # loss_type="kto": each pair becomes a desirable (chosen) and an undesirable (rejected) record
+    config.dpo.kto_desirable_weight = 1.0  # KTO λ_D > 0, the weight of desirable completions
+    config.dpo.kto_undesirable_weight = 1.0  # KTO λ_U > 0, the weight of undesirable ones
     # The reference (dpo_jax.reference): "frozen" (its forward in the step), "precomputed" (one
     # pass before DPO, then its params are freed), "moving" (TR-DPO), "none" (log π_ref = 0).
     # Losses that read no reference (simpo, sft) always run with "none".

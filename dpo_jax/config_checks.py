@@ -15,7 +15,7 @@ import ml_collections
 from dpo_jax import reference as reference_lib
 from dpo_jax.data.pipeline import check_batching
 from dpo_jax.data.tokenize import check_limits
-from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn
+from dpo_jax.losses import LOSS_ALIASES, LOSS_VARIANTS, dpo_loss_fn
 from dpo_jax.models.config import ATTENTION_IMPLS
 from dpo_jax.optim import make_optimizer, make_schedule
 
@@ -108,7 +108,7 @@ def _check_loss(dpo: ml_collections.ConfigDict) -> None:
     """The loss's own checks, run on one dummy pair with the config's hyper-parameters."""
     names = loss_names(dpo.loss_type)
     for name in names or ("",):
-        if name not in LOSS_VARIANTS:
+        if name not in LOSS_VARIANTS and name not in LOSS_ALIASES:
             raise ValueError(
                 f"config.dpo.loss_type: unknown loss {name!r}; known: {sorted(LOSS_VARIANTS)}"
             )
@@ -126,6 +126,15 @@ def _check_loss(dpo: ml_collections.ConfigDict) -> None:
             loss_weights=weights,
             chosen_lengths=one + 1,
             rejected_lengths=one + 1,
+            f_divergence_type=dpo.f_divergence_type,
+            f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
+            sigmoid_label_smoothing=dpo.sigmoid_label_smoothing,
+            bco_reward_shift=dpo.bco_reward_shift,
+            ipo_form=dpo.ipo_form,
+            simpo_gamma=dpo.simpo_gamma,
+            desirable_weight=dpo.kto_desirable_weight,
+            undesirable_weight=dpo.kto_undesirable_weight,
+            kto_labels=one > 0 if "kto" in names else None,
         )
     except (ValueError, TypeError) as error:
         raise ValueError(f"config.dpo (loss_type={dpo.loss_type!r}): {error}") from None

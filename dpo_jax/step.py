@@ -73,7 +73,8 @@ class LossOptions:
       num_microbatches: micro-batches per step (gradient accumulation), >= 1.
       final_logit_softcapping: the model's cap·tanh(logits / cap) on logits, or None.
       f_divergence_type, f_alpha_divergence_coef, sigmoid_label_smoothing, bco_reward_shift,
-        ipo_form, simpo_gamma: passed to `dpo_loss_fn` (see it for their values).
+        ipo_form, simpo_gamma, desirable_weight, undesirable_weight: passed to `dpo_loss_fn`
+        (see it for their values); kto reads `batch["kto_labels"]` [B, S] too.
     """
 
     loss_type: tuple[str, ...] = ("sigmoid",)
@@ -89,6 +90,8 @@ class LossOptions:
     bco_reward_shift: str = "running_mean"
     ipo_form: str = "per_token"
     simpo_gamma: float = 0.5
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     @property
     def uses_bco(self) -> bool:
@@ -169,6 +172,12 @@ def loss_and_metrics(
     bco = {}
     if options.uses_bco:
         bco = dict(bco_running_mean=bco_state[0], bco_running_count=bco_state[1])
+    if "kto" in options.loss_type:  # unpaired: a completion, a mismatched one, a label
+        bco.update(
+            kto_labels=batch["kto_labels"].reshape(-1),  # [B·S]
+            desirable_weight=options.desirable_weight,
+            undesirable_weight=options.undesirable_weight,
+        )
     pair_mask = batch["pair_mask"].reshape(-1)  # [B·S]
     loss, metrics = dpo_loss_fn(
         _flat(policy.logps, 0),  # [B·S]

@@ -244,6 +244,13 @@ def data_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     return config.data.source, config.data.eval_source or None
 
 
+def _kto_options(config, stage: str, batch_size: int) -> dict[str, Any]:
+    """KTO's DPO stage reads unpaired records, mismatched completions rotated per batch."""
+    if stage == "dpo" and "kto" in loss_names(config.dpo.loss_type):
+        return dict(kl_group_size=batch_size)
+    return {}
+
+
 def _train_batches(config, tokenizer, source, counts: dict, stage: str):
     iterator, stats = make_pair_iterator(
         source,
@@ -251,6 +258,7 @@ def _train_batches(config, tokenizer, source, counts: dict, stage: str):
         batch_size=config.data.batch_size,
         seed=config.data.shuffle_seed,
         **_data_options(config),
+        **_kto_options(config, stage, config.data.batch_size),
     )
     counts[f"{stage}/train"] = stats.as_dict()
     print(f"[{stage}] train data: {stats}")
@@ -261,7 +269,11 @@ def _eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
     if source is None:
         return []
     batches, stats = make_eval_batches(
-        source, tokenizer, batch_size=config.data.eval_batch_size, **_data_options(config)
+        source,
+        tokenizer,
+        batch_size=config.data.eval_batch_size,
+        **_data_options(config),
+        **_kto_options(config, stage, config.data.eval_batch_size),
     )
     counts[f"{stage}/eval"] = stats.as_dict()
     print(f"[{stage}] eval data: {stats}")
@@ -309,6 +321,8 @@ def loss_options(
         bco_reward_shift=config.dpo.bco_reward_shift,
         ipo_form=config.dpo.ipo_form,
         simpo_gamma=config.dpo.simpo_gamma,
+        desirable_weight=config.dpo.kto_desirable_weight,
+        undesirable_weight=config.dpo.kto_undesirable_weight,
     )
 
 

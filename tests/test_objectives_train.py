@@ -47,3 +47,17 @@ def test_loss_options_reach_the_step(tmp_path, changes):
         np.testing.assert_allclose(history[0]["loss"], np.log(2.0), rtol=1e-6)
     if "dpo__bco_reward_shift" in changes:
         assert "bco/running_mean" not in history[0]
+
+
+def test_kto_trains_on_unpaired_records_through_the_stage(tmp_path):
+    # Each synthetic pair becomes a desirable and an undesirable record (2 × 64 here); the batch
+    # carries their labels. Before any update π = π_ref and z₀ = 0: every term is 1 − σ(0).
+    config = tiny_config(dpo__loss_type="kto")
+    ctx, stage, params = build(config, tmp_path)
+    assert isinstance(stage.reference, reference_lib.FrozenReference)
+    batch = next(stage.train_batches)
+    assert batch["kto_labels"].shape == batch["pair_mask"].shape
+    assert 0 < batch["kto_labels"].sum() < batch["pair_mask"].sum()
+    state, history = run_steps(stage, ctx, params, num_steps=2)
+    np.testing.assert_allclose(history[0]["loss"], 0.5, rtol=1e-6)
+    assert history[0]["kl"] == 0.0 and np.isfinite(history[1]["loss"])

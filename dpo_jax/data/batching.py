@@ -86,7 +86,8 @@ def collate_rows(
     Returns:
       `tokens` [B, 2, T] int32, `response_mask` [B, 2, T] bool (response tokens, eos included),
       `positions` [B, 2, T] int32 (0 on padding), `segment_ids` [B, 2, T] int32 (0 on padding),
-      `pair_mask` [B, S] bool.
+      `pair_mask` [B, S] bool; and `kto_labels` [B, S] bool (True = desirable, False on padding)
+      when the pairs are unpaired (KTO) records, which carry a `label`.
 
     Raises:
       ValueError: too many rows, too many pairs in a row, or a row longer than max_length.
@@ -101,10 +102,15 @@ def collate_rows(
         "segment_ids": np.zeros(shape, np.int32),
         "pair_mask": np.zeros((num_rows, pairs_per_row), bool),
     }
+    labelled = any(pair.label is not None for row in rows for pair in row)
+    if labelled:
+        batch["kto_labels"] = np.zeros((num_rows, pairs_per_row), bool)
     for b, row in enumerate(rows):
         if len(row) > pairs_per_row:
             raise ValueError(f"row {b} holds {len(row)} pairs > pairs_per_row={pairs_per_row}")
         batch["pair_mask"][b, : len(row)] = True
+        if labelled:
+            batch["kto_labels"][b, : len(row)] = [bool(pair.label) for pair in row]
         for side in (0, 1):
             start = 0
             for k, pair in enumerate(row):

@@ -22,8 +22,13 @@ import grain
 import numpy as np
 
 from dpo_jax.data.batching import collate_rows, pack_pairs
-from dpo_jax.data.records import DEFAULT_RESPONSE_MARKER, load_records
-from dpo_jax.data.tokenize import DataStats, TokenizedPair, tokenize_records
+from dpo_jax.data.records import DEFAULT_RESPONSE_MARKER, load_records, unpair_records
+from dpo_jax.data.tokenize import (
+    DataStats,
+    TokenizedPair,
+    tokenize_records,
+    tokenize_unpaired_records,
+)
 
 # One background thread builds the next few batches. grain's default (16 threads, 500 elements
 # ahead) would hold 500 whole batches in memory.
@@ -78,22 +83,35 @@ def tokenize_source(
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
+    boundary: str = "separate",
+    kl_group_size: int | None = None,
 ) -> tuple[list[TokenizedPair], DataStats]:
     """Reads, normalises and tokenises every record of `source` (see `records.load_records`).
+
+    With `kl_group_size` (KTO), records become unpaired ones (`records.unpair_records`: a
+    preference pair gives its chosen and its rejected completion) and are tokenised by
+    `tokenize.tokenize_unpaired_records`, each pair then carrying its `label`.
 
     Raises:
       ValueError: the source is empty, a record is malformed, or no record was kept (the
         message carries the counts).
     """
-    pairs, stats = tokenize_records(
-        load_records(source),
-        tokenizer,
+    limits = dict(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
-        response_marker=response_marker,
+        boundary=boundary,
     )
+    if kl_group_size is not None:
+        raw = unpair_records(load_records(source))
+        pairs, stats = tokenize_unpaired_records(
+            raw, tokenizer, kl_group_size=kl_group_size, **limits
+        )
+    else:
+        pairs, stats = tokenize_records(
+            load_records(source), tokenizer, response_marker=response_marker, **limits
+        )
     if not pairs:
         raise ValueError(f"no preference pair survived tokenisation: {stats}")
     return pairs, stats
@@ -177,6 +195,8 @@ def make_pair_iterator(
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
+    boundary: str = "separate",
+    kl_group_size: int | None = None,
     pairs_per_row: int = 1,
     seed: int = 0,
     shuffle: bool = True,
@@ -199,6 +219,9 @@ def make_pair_iterator(
       response_marker: an implicit prompt ends right after the last such marker the two
         responses share (HH-RLHF's "\\n\\nAssistant:"; "" for none), else before their last
         shared whitespace (see `records.split_common_prefix`).
+      boundary: "separate" or "joint" (TRL's), see `tokenize.tokenize_pair`.
+      kl_group_size: None for preference pairs; for KTO, the run of records whose completions
+        rotate into the mismatched slot (the batch size; see `tokenize_source`).
       pairs_per_row: S; 1 pads each pair to its own row, > 1 packs up to S pairs in a row.
       seed: the shuffle's (and packing order's) seed.
       shuffle: whether to shuffle rows (each epoch differently).
@@ -228,6 +251,8 @@ def make_pair_iterator(
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
         response_marker=response_marker,
+        boundary=boundary,
+        kl_group_size=kl_group_size,
     )
     return iter(batches.to_iter_dataset(READ_OPTIONS)), stats
 
@@ -242,6 +267,8 @@ def make_eval_batches(
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
+    boundary: str = "separate",
+    kl_group_size: int | None = None,
     pairs_per_row: int = 1,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -271,6 +298,8 @@ def make_eval_batches(
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
         response_marker=response_marker,
+        boundary=boundary,
+        kl_group_size=kl_group_size,
     )
     return _EvalBatches(batches), stats
 

@@ -304,3 +304,36 @@ def _rendered_response(tokenizer, prompt, messages, prompt_text: str, name: str,
             f"response): {prompt_text[-60:]!r} vs {full_text[: len(prompt_text)][-60:]!r}"
         )
     return full_text[len(prompt_text) :]
+
+
+def unpair_records(raw_records: Sequence[RawRecord]) -> list[RawRecord]:
+    """Preference records as unpaired (KTO) ones, TRL's `unpair_preference_dataset`: each pair
+    (prompt, chosen, rejected) becomes (prompt, chosen, True) then (prompt, rejected, False).
+    Records that already hold a `completion` pass through unchanged.
+
+    The prompt and responses are split as `normalize_record` splits them (an implicit prompt at
+    the common prefix, a conversation at its shared leading messages), so both records share the
+    prompt. Each new record's place reads `<where> (chosen)` / `<where> (rejected)`.
+    """
+    unpaired = []
+    for raw in raw_records:
+        if "completion" in raw.record:
+            unpaired.append(raw)
+            continue
+        record = raw.record
+        prompt, chosen, rejected = (
+            record.get("prompt"),
+            record.get("chosen"),
+            record.get("rejected"),
+        )
+        if prompt is None and isinstance(chosen, list) and isinstance(rejected, list):
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+                shared += 1
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        elif prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+            prompt, chosen, rejected = split_common_prefix(chosen, rejected)
+        for side, completion, label in (("chosen", chosen, True), ("rejected", rejected, False)):
+            fields = {"prompt": prompt, "completion": completion, "label": label}
+            unpaired.append(RawRecord(fields, f"{raw.where} ({side})"))
+    return unpaired

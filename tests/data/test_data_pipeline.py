@@ -241,3 +241,19 @@ def test_response_marker_sets_where_an_implicit_prompt_ends(marker, chosen_row):
     np.testing.assert_array_equal(batch["tokens"][0, 0], chosen_row)
     prompt_length = 4 if marker else 5
     np.testing.assert_array_equal(batch["response_mask"][0, 0], np.arange(7) >= prompt_length)
+
+
+def test_unpaired_batches_carry_kto_labels():
+    # A preference pair becomes (prompt, chosen, True) and (prompt, rejected, False); the
+    # rejected slot of each row holds the previous record's completion (rotated in groups of 2).
+    record = {"prompt": "a b c", "chosen": "d", "rejected": "e f"}
+    batches, stats = make_eval_batches(
+        [record], make_word_tokenizer(), batch_size=2, max_length=8, kl_group_size=2
+    )
+    batch = batches[0]
+    assert stats.kept == 2
+    np.testing.assert_array_equal(batch["kto_labels"], [[True], [False]])
+    np.testing.assert_array_equal(
+        batch["tokens"][:, :, :6],
+        [[[1, 4, 5, 6, 7, 2], [1, 4, 5, 6, 8, 9]], [[1, 4, 5, 6, 8, 9], [1, 4, 5, 6, 7, 2]]],
+    )
