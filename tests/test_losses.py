@@ -660,6 +660,10 @@ BAD_INPUTS = [
     ({"kto_labels": jnp.ones(4, bool)}, "only kto reads them"),
     ({"loss_type": "kto", "kto_labels": jnp.ones(4)}, "kto_labels must be a bool array"),
     ({"loss_type": ["kto", "sft"]}, "'kto' reads unpaired completions and cannot be combined"),
+    (
+        {"loss_type": "kto", "kto_labels": jnp.ones(4, bool), "undesirable_weight": 0.0},
+        "undesirable_weight=0.0 must be > 0 for loss_type 'kto'",
+    ),
     ({"loss_type": ["aot_pair", "aot_unpaired"]}, "names a loss twice"),
 ]
 

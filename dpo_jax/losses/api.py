@@ -222,9 +222,9 @@ def dpo_loss_fn(
         length mismatch, β <= 0, ε outside its variant's range, an unknown setting string, an
         f-divergence with a variant it does not apply to, α <= 0, WPO weights with aot or kto,
         mismatched shapes, one reference array without the other, missing lengths, a non-bool
-        pair_mask or kto_labels, kto without labels, or bco state given without a bco running
-        mean. All checks read static values and
-        shapes, so the function jits.
+        pair_mask or kto_labels, kto without labels or with a weight <= 0, or bco state given
+        without a bco running mean. All checks read static values and shapes, so the function
+        jits.
     """
     names = checks.as_loss_names(loss_type)
     weights = checks.as_loss_weights(names, loss_weights)
@@ -238,6 +238,7 @@ def dpo_loss_fn(
     checks.check_hyper(names, beta, label_smoothing, discopop_tau, sigmoid_label_smoothing)
     checks.check_f_divergence(names, f_divergence_type, f_alpha_divergence_coef)
     checks.check_weighting(names, wpo_log_weights)
+    checks.check_kto_weights(names, desirable_weight, undesirable_weight)
     inputs = dict(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,

@@ -109,6 +109,17 @@ def check_f_divergence(names, f_divergence_type: str, alpha) -> None:
             raise ValueError(f"f_alpha_divergence_coef={alpha} must be > 0")
 
 
+def check_kto_weights(names, desirable_weight, undesirable_weight) -> None:
+    if "kto" not in names:
+        return
+    for name, value in (
+        ("desirable_weight", desirable_weight),
+        ("undesirable_weight", undesirable_weight),
+    ):
+        if isinstance(value, numbers.Real) and not value > 0:
+            raise ValueError(f"{name}={value} must be > 0 for loss_type 'kto'")
+
+
 def check_weighting(names, wpo_log_weights) -> None:
     if wpo_log_weights is not None and ({"aot", "aot_unpaired", "kto"} & set(names)):
         raise ValueError(
