@@ -81,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_prompt_length = 10  # most prompt tokens (bos included); 0 = no limit
     config.data.truncation_mode = "keep_end"  # long prompts keep their "keep_end" / "keep_start"
     config.data.prompt_too_long = "truncate"  # a prompt over the limit: "truncate" or "drop"
+    # Where a response starts: "separate" (prompt and responses tokenised apart, joined as ids)
+    # or "joint" (TRL's: prompt + response as one text, split at the common prefix); README.
+    config.data.boundary = "separate"  # "separate" or "joint"
     config.data.batch_size = 32  # B, rows per optimizer step (global, all hosts); % (data·fsdp)
     config.data.eval_batch_size = 64  # rows per eval batch; % (data·fsdp)
     config.data.pairs_per_row = 1  # S, pairs packed into one row (1 = no packing)

@@ -230,6 +230,7 @@ def _data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         max_prompt_length=config.data.max_prompt_length or None,
         truncation_mode=config.data.truncation_mode,
         prompt_too_long=config.data.prompt_too_long,
+        boundary=config.data.boundary,
         pairs_per_row=config.data.pairs_per_row,
     )
 

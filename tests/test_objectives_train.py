@@ -7,6 +7,7 @@ import pytest
 from test_train_step import build, run_steps, tiny_config
 
 from dpo_jax import reference as reference_lib
+from dpo_jax import train
 from dpo_jax.losses import LOSS_VARIANTS
 
 
@@ -61,3 +62,22 @@ def test_kto_trains_on_unpaired_records_through_the_stage(tmp_path):
     state, history = run_steps(stage, ctx, params, num_steps=2)
     np.testing.assert_allclose(history[0]["loss"], 0.5, rtol=1e-6)
     assert history[0]["kl"] == 0.0 and np.isfinite(history[1]["loss"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(data__boundary="merged"), "config.data: boundary='merged' must be one of"),
+        (dict(dpo__f_divergence_type="kl"), "f_divergence_type='kl' is not one of"),
+        (
+            dict(dpo__f_divergence_type="alpha_divergence", dpo__f_alpha_divergence_coef=0.0),
+            "f_alpha_divergence_coef=0.0 must be > 0",
+        ),
+        (dict(dpo__loss_type="exo_pair"), "label_smoothing=0.0 must be in (0, 0.5]"),
+        (dict(dpo__loss_type="kto", dpo__kto_desirable_weight=-1.0), "desirable_weight=-1.0"),
+    ],
+)
+def test_bad_loss_and_data_settings_are_refused_before_anything_is_built(changes, message):
+    with pytest.raises(ValueError) as error:
+        train.check_config(tiny_config(**changes))
+    assert message in str(error.value) and "config." in str(error.value)
