@@ -47,3 +47,11 @@ def test_derivation_notebook_runs_and_recovers_the_optimum():
         for cell in notebook.cells
         for output in cell.get("outputs", [])
     ), "the KL curve should be drawn"
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_trains_gemma3_and_samples_before_and_after():
+    notebook = _execute("quickstart.ipynb", timeout=900)
+    text = _outputs(notebook)
+    assert "before: " in text and "after: " in text
+    assert "held-out rewards/accuracies before -> after:" in text
