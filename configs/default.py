@@ -88,6 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 64  # rows per eval batch; % (data·fsdp)
     config.data.pairs_per_row = 1  # S, pairs packed into one row (1 = no packing)
     config.data.shuffle_seed = 0  # seed of the data order (epochs reshuffle)
+    # Refuse data whose sampled records are more than this fraction unknown tokens (a tokenizer
+    # that does not fit the text); 1.0 = never refuse.
+    config.data.max_unknown_token_rate = 0.05  # in [0, 1]
 
     # DPO (and the SFT stage that builds the reference model first)
     config.sft = ml_collections.ConfigDict()
@@ -112,6 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loss_type="kto": each pair becomes a desirable (chosen) and an undesirable (rejected) record
     config.dpo.kto_desirable_weight = 1.0  # KTO λ_D > 0, the weight of desirable completions
     config.dpo.kto_undesirable_weight = 1.0  # KTO λ_U > 0, the weight of undesirable ones
+    # LD-DPO: the tokens past the shorter response of a pair count with weight α (1 = plain sums)
+    config.dpo.ld_alpha = 1.0  # α in [0, 1]
     # The reference (dpo_jax.reference): "frozen" (its forward in the step), "precomputed" (one
     # pass before DPO, then its params are freed), "moving" (TR-DPO), "none" (log π_ref = 0).
     # Losses that read no reference (simpo, sft) always run with "none".

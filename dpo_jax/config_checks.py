@@ -138,6 +138,8 @@ def _check_loss(dpo: ml_collections.ConfigDict) -> None:
         )
     except (ValueError, TypeError) as error:
         raise ValueError(f"config.dpo (loss_type={dpo.loss_type!r}): {error}") from None
+    if not 0 <= dpo.ld_alpha <= 1:
+        raise ValueError(f"config.dpo.ld_alpha={dpo.ld_alpha} must be in [0, 1] (1 = off)")
 
 
 def _check_reference(dpo: ml_collections.ConfigDict) -> None:
@@ -206,6 +208,10 @@ def _check_data(data: ml_collections.ConfigDict, grad_accum_steps: int) -> None:
             check_batching(batch_size, data.pairs_per_row, None, 0, 1)
     except ValueError as error:
         raise ValueError(f"config.data: {error}") from None
+    if not 0 <= data.max_unknown_token_rate <= 1:
+        raise ValueError(
+            f"config.data.max_unknown_token_rate={data.max_unknown_token_rate} must be in [0, 1]"
+        )
     if data.batch_size % grad_accum_steps:
         raise ValueError(
             f"config.data.batch_size={data.batch_size} must be divisible by "

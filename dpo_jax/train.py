@@ -17,7 +17,7 @@ from dpo_jax import checkpoint, ref_logps, run_config, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
 from dpo_jax.config_checks import check_config, loss_names, loss_weights
-from dpo_jax.data import synthetic
+from dpo_jax.data import coverage, synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
 from dpo_jax.guards import check_finite
 from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
@@ -253,6 +253,8 @@ def _kto_options(config, stage: str, batch_size: int) -> dict[str, Any]:
 
 
 def _train_batches(config, tokenizer, source, counts: dict, stage: str):
+    name = source if isinstance(source, str) else f"[{stage}] train records"
+    coverage.check(source, tokenizer, max_rate=config.data.max_unknown_token_rate, name=name)
     iterator, stats = make_pair_iterator(
         source,
         tokenizer,
@@ -263,6 +265,12 @@ def _train_batches(config, tokenizer, source, counts: dict, stage: str):
     )
     counts[f"{stage}/train"] = stats.as_dict()
     print(f"[{stage}] train data: {stats}")
+    if stats.rows < config.data.batch_size:
+        raise ValueError(
+            f"{name}: {stats.rows} rows of kept pairs, fewer than one batch "
+            f"(config.data.batch_size={config.data.batch_size}): every batch would repeat "
+            "records; add records or lower the batch size"
+        )
     return iterator
 
 

@@ -198,3 +198,22 @@ def test_the_main_job_prints_one_line_and_exits_non_zero(tmp_path, flags, messag
     assert "Traceback" not in process.stderr
     verbose = _train(tmp_path, *flags, "--verbose", timeout=300)
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_a_collapsed_policy_warns_while_its_loss_looks_healthy(tmp_path):
+    # At lr 1e6 the tiny model collapses by step 3 (grad_norm exactly 0, chosen and rejected
+    # with identical log-probs, loss near log 2); its NaN steps are skipped here so it runs on.
+    process = _train(
+        tmp_path,
+        "--config.sft.num_steps=0",
+        "--config.dpo.num_steps=10",
+        "--config.optimizer.learning_rate=1e6",
+        "--config.guards.on_nonfinite=skip",
+        "--config.guards.max_skipped_steps=100",
+    )
+    assert process.returncode == 0, process.stderr
+    assert "warning: step" in process.stderr and "the policy looks collapsed" in process.stderr
+    records = _train_records(tmp_path)
+    assert any(r["grad_norm"] == 0.0 for r in records)
+    assert all(abs(r["loss"] - np.log(2)) < 0.05 for r in records if np.isfinite(r["loss"]))

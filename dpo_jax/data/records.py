@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jinja2
+
 # HH-RLHF's turn marker: an implicit prompt is cut right after its last occurrence.
 DEFAULT_RESPONSE_MARKER = "\n\nAssistant:"
 
@@ -67,19 +69,64 @@ def read_jsonl(path: str | os.PathLike) -> list[RawRecord]:
     """
     path = os.fspath(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw_line in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            line = _decode_line(raw_line, where)
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if isinstance(record, list):
+                raise ValueError(
+                    f"{where}: a JSON array, not an object: a .jsonl file holds one record "
+                    "object per line (a .json file may hold one array of records)"
+                )
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
             records.append(RawRecord(record, where))
     return records
+
+
+def _decode_line(raw_line: bytes, where: str) -> str:
+    try:
+        return raw_line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{where}: not valid UTF-8 (byte {raw_line[e.start]:#04x} at byte {e.start + 1} of "
+            "the line); re-encode the file as UTF-8"
+        ) from None
+
+
+def read_json_array(path: str | os.PathLike) -> list[RawRecord]:
+    """Reads a `.json` file holding one array of record objects (records named `path[i]`).
+
+    Raises:
+      ValueError: the file is not valid UTF-8 or JSON, or an element is not an object.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        text = _decode_line(f.read(), path)
+    try:
+        array = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    records = []
+    for index, record in enumerate(array):
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}[{index}]: expected a JSON object, found {type(record).__name__}"
+            )
+        records.append(RawRecord(record, f"{path}[{index}]"))
+    return records
+
+
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
 
 
 def read_parquet(path: str | os.PathLike) -> list[RawRecord]:
@@ -110,6 +157,8 @@ def from_sequence(records: Sequence[Mapping[str, Any]], name: str = "records") -
 def load_records(source: Any) -> list[RawRecord]:
     """Reads records from a `.jsonl`/`.json` or `.parquet` path, or a sequence of dicts.
 
+    A `.json` file may hold one object per line (as `.jsonl`) or one array of objects.
+
     A TFDS dataset is read through `dpo_jax.data.tfds_source.PreferenceDataSource`, which is
     such a sequence.
 
@@ -119,7 +168,9 @@ def load_records(source: Any) -> list[RawRecord]:
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if path.endswith((".jsonl", ".json")):
+        if path.endswith(".json") and _is_json_array(path):
+            raw = read_json_array(path)
+        elif path.endswith((".jsonl", ".json")):
             raw = read_jsonl(path)
         elif path.endswith(".parquet"):
             raw = read_parquet(path)
@@ -283,11 +334,15 @@ def _render_conversation(fields: dict, where: str, tokenizer: Any) -> Preference
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-    responses = [
-        _rendered_response(tokenizer, prompt, messages, prompt_text, name, where)
-        for name, messages in (("chosen", chosen), ("rejected", rejected))
-    ]
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        responses = [
+            _rendered_response(tokenizer, prompt, messages, prompt_text, name, where)
+            for name, messages in (("chosen", chosen), ("rejected", rejected))
+        ]
+    except (ValueError, jinja2.TemplateError) as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
     return PreferenceText(prompt_text, responses[0], responses[1], where, conversational=True)
 
 
