@@ -27,8 +27,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import reference as reference_lib
-from dpo_jax.logprobs import logprob_fn
-from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn
+from dpo_jax.logprobs import LogProbs, logprob_fn, next_token_targets
+from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn, ld_sequence_logps
 from dpo_jax.sharding import BATCH_AXES
 
 # Batch keys that have the batch axis first and travel to the model (ref_logps is optional).
@@ -75,6 +75,8 @@ class LossOptions:
       f_divergence_type, f_alpha_divergence_coef, sigmoid_label_smoothing, bco_reward_shift,
         ipo_form, simpo_gamma, desirable_weight, undesirable_weight: passed to `dpo_loss_fn`
         (see it for their values); kto reads `batch["kto_labels"]` [B, S] too.
+      ld_alpha: LD-DPO's α in [0, 1] (`losses.ld_sequence_logps`, for the policy and the
+        reference alike), or None for plain sums.
     """
 
     loss_type: tuple[str, ...] = ("sigmoid",)
@@ -92,6 +94,7 @@ class LossOptions:
     simpo_gamma: float = 0.5
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    ld_alpha: float | None = None
 
     @property
     def uses_bco(self) -> bool:
@@ -117,16 +120,34 @@ def _flat(values: jax.Array, side: int) -> jax.Array:
     return values[:, side, :].reshape(-1)
 
 
+def sequence_logps(logprobs: LogProbs, batch: dict[str, jax.Array], ld_alpha) -> jax.Array:
+    """[B, 2, S] sequence log-probs: the plain sums, or LD-DPO's when ld_alpha is set."""
+    if ld_alpha is None:
+        return logprobs.logps
+    batch_size, _, length = batch["tokens"].shape
+    rows = [batch[k].reshape(2 * batch_size, length) for k in ("tokens", "response_mask")]
+    segment_ids = batch["segment_ids"].reshape(2 * batch_size, length)  # [2B, T]
+    _, target_mask = next_token_targets(*rows, segment_ids)
+    # The prediction at t - 1 scores token t: the scored tokens, at their own positions.
+    scored = jnp.pad(target_mask[:, :-1], ((0, 0), (1, 0))).reshape(batch_size, 2, length)
+    num_segments = logprobs.logps.shape[-1]
+    return ld_sequence_logps(
+        logprobs.token_logps, scored, batch["segment_ids"], num_segments, ld_alpha
+    )
+
+
 def _forward_logps(apply_fn: Callable, options: LossOptions, batch: dict[str, jax.Array]):
     """params -> [B, 2, S] summed log-probs of `batch` (the reference's forward)."""
-    return lambda params: (
+    return lambda params: sequence_logps(
         logprob_fn(
             apply_fn,
             params,
             batch,
             logits_chunk_size=options.logits_chunk_size,
             final_logit_softcapping=options.final_logit_softcapping,
-        ).logps
+        ),
+        batch,
+        options.ld_alpha,
     )
 
 
@@ -161,6 +182,7 @@ def loss_and_metrics(
         logits_chunk_size=options.logits_chunk_size,
         final_logit_softcapping=options.final_logit_softcapping,
     )
+    policy_logps = sequence_logps(policy, batch, options.ld_alpha)  # [B, 2, S]
     forward = _forward_logps(apply_fn, options, batch)
     ref_logps = reference_lib.reference_logps(reference, batch, forward)  # [B, 2, S]
     lengths = {}
@@ -180,8 +202,8 @@ def loss_and_metrics(
         )
     pair_mask = batch["pair_mask"].reshape(-1)  # [B·S]
     loss, metrics = dpo_loss_fn(
-        _flat(policy.logps, 0),  # [B·S]
-        _flat(policy.logps, 1),
+        _flat(policy_logps, 0),  # [B·S]
+        _flat(policy_logps, 1),
         _flat(ref_logps, 0),
         _flat(ref_logps, 1),
         beta=options.beta,
@@ -370,12 +392,15 @@ def ref_logps_fn(
     apply_fn: Callable,
     logits_chunk_size,
     final_logit_softcapping: float | None = None,
+    ld_alpha: float | None = None,
 ) -> jax.Array:
-    """[B, 2, S] float32 summed reference log-probs of a batch (for the precomputed pass)."""
-    return logprob_fn(
+    """[B, 2, S] float32 reference log-probs of a batch (for the precomputed pass): summed, or
+    LD-DPO's with ld_alpha."""
+    logprobs = logprob_fn(
         apply_fn,
         ref_params,
         batch,
         logits_chunk_size=logits_chunk_size,
         final_logit_softcapping=final_logit_softcapping,
-    ).logps
+    )
+    return sequence_logps(logprobs, batch, ld_alpha)

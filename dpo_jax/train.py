@@ -316,6 +316,7 @@ def loss_options(
 ) -> step_lib.LossOptions:
     """The step's static options for `loss_type`, from the config's DPO and model fields."""
     weights = loss_weights(config.dpo.loss_weights)
+    ld_alpha = config.dpo.ld_alpha if config.dpo.ld_alpha < 1 else None  # 1: plain sums
     return step_lib.LossOptions(
         loss_type=loss_type,
         loss_weights=weights if loss_type != ("sft",) else None,
@@ -332,6 +333,7 @@ def loss_options(
         simpo_gamma=config.dpo.simpo_gamma,
         desirable_weight=config.dpo.kto_desirable_weight,
         undesirable_weight=config.dpo.kto_undesirable_weight,
+        ld_alpha=ld_alpha if loss_type != ("sft",) else None,
     )
 
 
@@ -422,6 +424,7 @@ def _precompute_reference_logps(
             apply_fn=ctx.apply_fn,
             logits_chunk_size=options.logits_chunk_size,
             final_logit_softcapping=options.final_logit_softcapping,
+            ld_alpha=options.ld_alpha,
         ),
         in_shardings=(ctx.param_shardings, None),
     )

@@ -15,6 +15,7 @@ import torch
 import transformers
 from tokenizers import models, pre_tokenizers, processors
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from dpo_jax import step as step_lib
 from dpo_jax.logprobs import logprob_fn
@@ -131,7 +132,7 @@ def test_log_probs_match_transformers(setup):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_loss_metrics_and_gradients_match_trl(setup, loss_type):
     trainer, inputs, root = setup
-    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+    trainer.loss_types, trainer.loss_weights, trainer.ld_alpha = [loss_type], [1.0], None
     # The reference log-probs come from a fresh transformers load of the reference weights,
     # passed to TRL's loss as precomputed: TRL's own prepared reference model scored these rows
     # up to 1.2e-3 away from the same weights loaded fresh (and from dpo_jax), which agree to 1e-6.
@@ -162,6 +163,34 @@ def test_loss_metrics_and_gradients_match_trl(setup, loss_type):
         np.testing.assert_allclose(float(metrics[key]), trl_metrics[key], rtol=1e-4, atol=1e-5)
     ours = hf_tensors_from_params(config, grads)
     assert set(ours) == set(trl_grads)
+    for name, expected in trl_grads.items():
+        error = np.max(np.abs(ours[name] - expected)) / np.max(np.abs(expected))
+        assert error < 1e-4, f"{name}: relative gradient error {error:.2e}"
+
+
+def test_ld_dpo_loss_and_gradients_match_trl(setup):
+    # LD-DPO (ld_alpha) through TRL's own reference forward: a fresh load of the reference
+    # weights with TRL's fused head, as DPOTrainer prepares its reference.
+    trainer, inputs, root = setup
+    reference_model = transformers.LlamaForCausalLM.from_pretrained(str(root / "ref"))
+    add_fused_lm_head(reference_model)
+    trainer.ref_model, trainer.precompute_ref_logps = reference_model, False
+    trainer.loss_types, trainer.loss_weights, trainer.ld_alpha = ["sigmoid"], [1.0], 0.3
+    trainer.model.zero_grad()
+    trl_loss = trainer.compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    trl_grads = {name: p.grad.numpy() for name, p in trainer.model.named_parameters()}
+
+    config, params = load_hf(str(root / "policy"))
+    _, ref_params = load_hf(str(root / "ref"))
+    options = step_lib.LossOptions(loss_type=("sigmoid",), beta=0.1, ld_alpha=0.3)
+    grad_fn = jax.grad(step_lib.loss_and_metrics, has_aux=True)
+    kwargs = dict(apply_fn=make_apply_fn(config), options=options)
+    grads, metrics = grad_fn(
+        params, FrozenReference(ref_params), _our_batch(inputs), None, **kwargs
+    )
+    np.testing.assert_allclose(float(metrics["loss"]), trl_loss.item(), rtol=1e-5)
+    ours = hf_tensors_from_params(config, grads)
     for name, expected in trl_grads.items():
         error = np.max(np.abs(ours[name] - expected)) / np.max(np.abs(expected))
         assert error < 1e-4, f"{name}: relative gradient error {error:.2e}"
