@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from dpo_jax import checkpoint, ref_logps, run_config, sharding
+from dpo_jax import checkpoint, evaluation, ref_logps, run_config, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
 from dpo_jax.config_checks import check_config, loss_names, loss_weights
@@ -85,6 +85,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dpo_state, train_history = run_stage(dpo_stage, params, ctx)  # consumes params
     del params
     after = evaluate(dpo_stage, dpo_state.params, dpo_state.reference_params, ctx)
+    generation = generation_summary(
+        config, model_config, tokenizer, sources[1], dpo_stage, dpo_state
+    )
 
     if config.checkpoint.export_hf and jax.process_index() == 0:
         checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, dpo_state.params)
@@ -95,6 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "train_first": train_history[0] if train_history else {},
         "train_last": train_history[-1] if train_history else {},
         "data": data_counts,
+        "generation": generation,
     }
     print(format_summary(summary))
     return summary
@@ -447,6 +451,27 @@ def _precompute_reference_logps(
 # ----------------------------------------------------------------------------- summary
 
 
+def generation_summary(config, model_config, tokenizer, records, stage: Stage, state) -> dict:
+    """Greedy exact match of π_ref and π_θ, and KL(π_θ ‖ π_ref), on held-out synthetic prompts.
+
+    Only on the synthetic task (it knows the right answers), on one process, with a frozen
+    reference (the one kind that still holds π_ref's params after training); else {}.
+    """
+    if config.data.source != "synthetic" or records is None or jax.process_count() > 1:
+        return {}
+    if not reference_lib.holds_params(stage.reference):
+        return {}
+    return evaluation.compare_to_reference(
+        model_config,
+        state.params,
+        stage.reference.params,
+        tokenizer,
+        records,
+        rng=jax.random.key(config.seed),
+        reward="synthetic_digits",
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The table printed at the end of the main job."""
     lines = []
@@ -469,9 +494,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{values[name]:>20.4f}" if name in values else f"{'-':>20}" for _, values in columns
         )
         lines.append(f"{name:<22}{cells}")
+    generation = summary.get("generation") or {}
+    if generation:
+        for name, before, after in (
+            ("exact_match (greedy)", "exact_match/reference", "exact_match/policy"),
+            ("kl/sequence (nats)", None, "kl/mean"),
+        ):
+            before_value = generation[before] if before else 0.0
+            lines.append(f"{name:<22}{before_value:>20.4f}{generation[after]:>20.4f}")
     lines.append(
         f"(eval: {summary['after_dpo'].get('num_pairs', 0)} held-out pairs; rewards = "
         "β·(log π − log π_ref), π_ref the model DPO starts from, so 0 before DPO; "
         "logps/accuracies: π gives chosen the higher log-prob)"
     )
+    if generation:
+        lines.append(
+            f"(generation: {generation['num_prompts']} held-out prompts; exact_match: greedy "
+            "answer == the right one; kl: KL(π ‖ π_ref) per sequence from one sample per "
+            f"prompt, ± {generation['kl/stderr']:.4f}; win rate of π's samples over π_ref's "
+            f"by digits in place: {generation['win_rate']:.4f})"
+        )
     return "\n".join(lines)
