@@ -132,8 +132,21 @@ def _move_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> 
 def export_hf(directory: str, model_config: ModelConfig, params: Any) -> None:
     """Writes the policy as a Hugging Face model directory (config.json + model.safetensors).
 
+    Every process must call it: a tensor spanning several hosts' devices is gathered (one at a
+    time, so devices hold at most one extra whole tensor); process 0 writes.
+
     Raises:
       NonFiniteParams: a tensor holds NaN or infinity (nothing is written).
     """
     check_finite(params, f"the export to {directory}")
-    save_hf(directory, model_config, jax.device_get(params))
+    host = jax.tree.map(_to_host, params)
+    if jax.process_index() == 0:
+        save_hf(directory, model_config, host)
+
+
+def _to_host(leaf: Any) -> Any:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(leaf, tiled=True)
+    return jax.device_get(leaf)

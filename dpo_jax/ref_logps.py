@@ -6,6 +6,10 @@ response mask of its chosen and rejected sequences. Training batches, shuffled a
 packed differently, then get `ref_logps` [B, 2, S] by looking each slot's pair up. Keying by
 content, not by an index, needs nothing from the data pipeline and survives packing; identical
 pairs share an entry, which is right since their log-probs are identical.
+
+With several processes each one runs the pass on its slice of every batch (as the pipeline gives
+it), and the slices' pairs and log-probs are all-gathered, so every process ends with the whole
+table: its training batches, shuffled anew each epoch, read pairs that another process saw.
 """
 
 from collections.abc import Callable, Iterable, Iterator
@@ -72,18 +76,46 @@ def precompute(
     batches: Iterable[dict[str, np.ndarray]],
     compute_fn: Callable[[dict[str, np.ndarray]], jax.Array],
 ) -> None:
-    """Runs `compute_fn` (host batch -> [B, 2, S] device log-probs) over `batches` into `table`.
+    """Runs `compute_fn` over `batches` into `table`.
+
+    Args:
+      table: where the log-probs go.
+      batches: this process's host batches (its rows of each global batch).
+      compute_fn: host batch -> [B, 2, S] log-probs of the global batch, sharded along B as the
+        batch was placed (`sharding.put_batch`).
 
     Each batch's result is fetched one batch later, so the device is never idle waiting for it.
+    With several processes every process must run this over its slices of the same batches.
     """
     pending = None
     for batch in batches:
         logps = compute_fn(batch)
         if pending is not None:
-            table.add(pending[0], np.asarray(jax.device_get(pending[1])))
+            table.add(*_all_rows(*pending))
         pending = (batch, logps)
     if pending is not None:
-        table.add(pending[0], np.asarray(jax.device_get(pending[1])))
+        table.add(*_all_rows(*pending))
+
+
+def host_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded along axis 0, in the order of its host
+    batch (`jax.make_array_from_process_local_data` lays the local rows out by row index)."""
+    shards = {shard.index[0].start or 0: shard for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
+
+
+def _all_rows(batch: dict[str, np.ndarray], logps: jax.Array):
+    """(host batch, host log-probs [B, 2, S]) of every process's rows of the batch."""
+    rows = host_rows(logps)
+    if jax.process_count() == 1:
+        return batch, rows
+    from jax.experimental import multihost_utils
+
+    keyed = {key: batch[key] for key in ("tokens", "response_mask", "segment_ids", "pair_mask")}
+    # Each process's batch rows and log-prob rows travel together, so they stay paired.
+    gathered = multihost_utils.process_allgather({**keyed, "ref_logps": rows}, tiled=True)
+    logps_all = gathered.pop("ref_logps")
+    return {key: np.asarray(value) for key, value in gathered.items()}, np.asarray(logps_all)
 
 
 class WithRefLogps:

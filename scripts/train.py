@@ -20,6 +20,14 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", "./runs/default", "Checkpoints, metrics and the exported model go here."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the full traceback.")
+# Many hosts (README, "Running on many hosts"): one process per host, the same flags on each.
+_MODE = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "none", "explicit", "slurm", "tpu"], "auto: from the flags/env."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run (explicit).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process, in [0, num_processes).")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for the others.")
 
 
 def main(argv):
@@ -27,10 +35,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs each checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    from dpo_jax import errors  # after flag parsing, so --help stays fast
+    from dpo_jax import distributed, errors  # after flag parsing, so --help stays fast
     from dpo_jax.train import train_and_evaluate
 
     try:
+        distributed.initialize(
+            mode=_MODE.value,
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+            timeout_s=_TIMEOUT.value,
+            config=_CONFIG.value,
+        )
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except Exception as error:  # noqa: BLE001 - errors.report re-raises what is not the user's
         sys.exit(errors.report(error, verbose=_VERBOSE.value))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -28,7 +29,8 @@ class _Spec(NamedTuple):
     """One HF tensor: its name and shape, where it goes in our params, and the two layouts' maps.
 
     A layer's tensor (`layer` set) is row `layer` of the stacked param at `path` (its leading
-    axis is the layers axis).
+    axis is the layers axis). Every `to_param` is a reshape of the HF tensor, transposed first
+    when `transposed` (Linear weights): sharded loading reads slices by that rule.
     """
 
     hf_name: str
@@ -37,6 +39,7 @@ class _Spec(NamedTuple):
     to_param: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
     layer: int | None = None
+    transposed: bool = False
 
 
 def _identity(x):
@@ -69,7 +72,9 @@ def _specs(config: ModelConfig) -> Iterator[_Spec]:
     yield _Spec("model.embed_tokens.weight", (v, d), ("embedding",), _identity, _identity)
     yield _Spec("model.norm.weight", (d,), ("final_norm", "scale"), _identity, _identity)
     if not config.tie_word_embeddings:
-        yield _Spec("lm_head.weight", (v, d), ("lm_head",), np.transpose, np.transpose)
+        yield _Spec(
+            "lm_head.weight", (v, d), ("lm_head",), np.transpose, np.transpose, transposed=True
+        )
     for i in range(config.num_layers):
         yield from _norm_specs(config, i)
         yield from _attention_specs(config, i)
@@ -108,6 +113,7 @@ def _attention_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
             (*path, f"{name}_kernel"),
             *_linear((heads, dh)),
             i,
+            transposed=True,
         )
         if config.qkv_bias:
             yield _Spec(
@@ -118,7 +124,12 @@ def _attention_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
                 i,
             )
     yield _Spec(
-        f"{attn}o_proj.weight", (d, h * dh), (*path, "o_kernel"), *_linear_from_heads((h, dh)), i
+        f"{attn}o_proj.weight",
+        (d, h * dh),
+        (*path, "o_kernel"),
+        *_linear_from_heads((h, dh)),
+        i,
+        transposed=True,
     )
     if config.o_bias:
         yield _Spec(f"{attn}o_proj.bias", (d,), (*path, "o_bias"), _identity, _identity, i)
@@ -140,6 +151,7 @@ def _mlp_specs(config: ModelConfig, i: int) -> Iterator[_Spec]:
             np.transpose,
             np.transpose,
             i,
+            transposed=True,
         )
 
 
@@ -175,25 +187,30 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any]) -> P
     dtype = jnp.dtype(config.param_dtype)
     params: dict[str, Any] = {}
     layer_rows: dict[tuple[Any, ...], list[np.ndarray]] = {}  # stacked param -> its layers' rows
-    expected = set()
-    for spec in _specs(config):
-        expected.add(spec.hf_name)
-        if spec.hf_name not in tensors:
-            raise ValueError(f"tensor {spec.hf_name!r} is missing (expected shape {spec.hf_shape})")
-        tensor = tensors[spec.hf_name]
-        shape = tuple(tensor.shape)
-        if shape != spec.hf_shape:
-            raise ValueError(
-                f"tensor {spec.hf_name!r} has shape {shape}, expected {spec.hf_shape} "
-                f"from the {config.family} config"
-            )
-        value = np.asarray(spec.to_param(np.asarray(tensor)), dtype=dtype)
+    for spec in _checked_specs(config, tensors):
+        value = np.asarray(spec.to_param(np.asarray(tensors[spec.hf_name])), dtype=dtype)
         if spec.layer is None:
             _set(params, spec.path, jnp.asarray(value))
         else:
             layer_rows.setdefault(spec.path, []).append(value)  # _specs yields layers in order
     for path, rows in layer_rows.items():
         _set(params, path, jnp.asarray(np.stack(rows)))  # [layers, ...]
+    return params
+
+
+def _checked_specs(config: ModelConfig, tensors: Mapping[str, Any]) -> list[_Spec]:
+    """The specs of `config`, after checking `tensors` has each, of its shape, and no other."""
+    specs = list(_specs(config))
+    for spec in specs:
+        if spec.hf_name not in tensors:
+            raise ValueError(f"tensor {spec.hf_name!r} is missing (expected shape {spec.hf_shape})")
+        shape = tuple(tensors[spec.hf_name].shape)
+        if shape != spec.hf_shape:
+            raise ValueError(
+                f"tensor {spec.hf_name!r} has shape {shape}, expected {spec.hf_shape} "
+                f"from the {config.family} config"
+            )
+    expected = {spec.hf_name for spec in specs}
     unexpected = sorted(
         name
         for name in tensors
@@ -206,6 +223,95 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any]) -> P
             f"{len(unexpected)} tensors do not belong to a {config.family} model of this config: "
             f"{unexpected[:10]}"
         )
+    return specs
+
+
+class LazyParam:
+    """One of our params, read from its HF tensor(s) only where indexed: `shape`, `dtype`, and
+    `param[index]` (a tuple of slices in our layout) reading just that slice's rows/columns.
+
+    A stacked layer param reads each indexed layer from its own tensor. `jax.make_array_from_
+    callback` indexes it once per device shard, so no host or device holds the whole tensor.
+    """
+
+    def __init__(self, specs: list[_Spec], tensors: Mapping[str, Any], shape, dtype):
+        self.specs, self.tensors = specs, tensors
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.stacked = specs[0].layer is not None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = tuple(index) if isinstance(index, tuple) else (index,)
+        index += (slice(None),) * (self.ndim - len(index))
+        index = tuple(
+            slice(*part.indices(size)) for part, size in zip(index, self.shape, strict=True)
+        )
+        if not self.stacked:
+            return self._read(self.specs[0], index, self.shape)
+        rows = [self._read(spec, index[1:], self.shape[1:]) for spec in self.specs[index[0]]]
+        return np.stack(rows) if rows else np.zeros((0, *self.shape[1:]), self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        array = self[()]
+        return array if dtype is None else array.astype(dtype)
+
+    def _read(self, spec: _Spec, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+        # Our layout is reshape(T, shape) with T the HF tensor, transposed for Linear weights; a
+        # T axis splits into consecutive axes of ours, read as the outer one's range × the rest.
+        hf_axes = spec.hf_shape[::-1] if spec.transposed else spec.hf_shape
+        box, block_shape, inner = [], [], []
+        for group in _axis_groups(hf_axes, shape):
+            outer, rest = index[group[0]], math.prod(shape[axis] for axis in group[1:])
+            box.append(slice(outer.start * rest, outer.stop * rest))
+            block_shape += [outer.stop - outer.start, *(shape[axis] for axis in group[1:])]
+            inner += [slice(None), *(index[axis] for axis in group[1:])]
+        box = tuple(box[::-1]) if spec.transposed else tuple(box)
+        block = np.asarray(self.tensors[spec.hf_name][box])
+        block = (block.T if spec.transposed else block).reshape(block_shape)
+        return np.ascontiguousarray(block[tuple(inner)]).astype(self.dtype)
+
+
+def _axis_groups(hf_axes: tuple[int, ...], shape: tuple[int, ...]) -> list[list[int]]:
+    """For each axis of `hf_axes`, the consecutive axes of `shape` its reshape splits it into."""
+    groups, axis = [], 0
+    for size in hf_axes:
+        group, product = [axis], shape[axis]
+        axis += 1
+        while product < size:
+            group.append(axis)
+            product *= shape[axis]
+            axis += 1
+        if product != size:
+            raise ValueError(f"shape {shape} is not a split of {hf_axes}")
+        groups.append(group)
+    groups[-1] += list(range(axis, len(shape)))  # trailing axes of size 1
+    return groups
+
+
+def lazy_params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any]) -> Params:
+    """As `params_from_hf_tensors`, but each leaf a `LazyParam` reading only what is indexed.
+
+    Args:
+        config: the model the tensors belong to.
+        tensors: name -> tensor indexable by a tuple of slices (numpy, a safetensors slice).
+
+    Raises:
+        ValueError: as `params_from_hf_tensors`.
+    """
+    from dpo_jax.models.transformer import init_params
+
+    specs = _checked_specs(config, tensors)
+    shapes = jax.eval_shape(init_params, config, jax.random.key(0))
+    by_path: dict[tuple[Any, ...], list[_Spec]] = {}
+    for spec in specs:
+        by_path.setdefault(spec.path, []).append(spec)  # layers in order
+    params: dict[str, Any] = {}
+    for path, path_specs in by_path.items():
+        shape = _get(shapes, path).shape
+        _set(params, path, LazyParam(path_specs, tensors, shape, config.param_dtype))
     return params
 
 
@@ -236,6 +342,11 @@ class _LazyTensor:
         with safe_open(self.path, framework="numpy") as f:
             array = f.get_tensor(self.name)
         return array if dtype is None else array.astype(dtype)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        """Reads only `index` (slices with step 1) from the file, in the file's dtype."""
+        with safe_open(self.path, framework="numpy") as f:
+            return f.get_slice(self.name)[index]
 
 
 def _safetensors_files(model_dir: str) -> list[str]:
@@ -292,27 +403,45 @@ def _tensor_names(path: str) -> list[str]:
         ) from None
 
 
-def load_hf(model_dir: str, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+def load_hf(
+    model_dir: str, *, lazy: bool = False, **config_overrides: Any
+) -> tuple[ModelConfig, Params]:
     """Reads a transformers model directory: config.json and safetensors weights.
 
     Args:
         model_dir: directory with config.json and model.safetensors (or
             model.safetensors.index.json and its shards).
+        lazy: return `LazyParam` leaves (nothing read until indexed; for sharded loading with
+            `jax.make_array_from_callback`) instead of jax arrays.
         **config_overrides: ModelConfig fields to set (dtype, param_dtype, remat, attention_impl).
+            Without param_dtype, the checkpoint's (config.json's `dtype` / `torch_dtype`) is used
+            when it is one we support (float32, bfloat16), else float32.
 
     Returns:
-        (config, params); params are jax arrays in `config.param_dtype`.
+        (config, params); params in `config.param_dtype`.
 
     Raises:
         FileNotFoundError: config.json or the weights are missing (names the path).
         ValueError: unsupported architecture, or a tensor missing or of the wrong shape.
     """
-    config = ModelConfig.from_hf_config(read_hf_config(model_dir), **config_overrides)
+    hf_config = read_hf_config(model_dir)
+    if "param_dtype" not in config_overrides:
+        config_overrides["param_dtype"] = checkpoint_dtype(hf_config)
+    config = ModelConfig.from_hf_config(hf_config, **config_overrides)
     tensors = {}
     for path in _safetensors_files(model_dir):
         for name in _tensor_names(path):
             tensors[name] = _LazyTensor(path, name)
+    if lazy:
+        return config, lazy_params_from_hf_tensors(config, tensors)
     return config, params_from_hf_tensors(config, tensors)
+
+
+def checkpoint_dtype(hf_config: Mapping[str, Any]) -> str:
+    """The params' dtype a config.json names (`dtype`, or the older `torch_dtype`), when it is
+    one of ours ("float32", "bfloat16"); "float32" otherwise (float16 is widened)."""
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    return name if name in ("float32", "bfloat16") else "float32"
 
 
 def save_hf(model_dir: str, config: ModelConfig, params: Params) -> None:
