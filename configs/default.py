@@ -117,8 +117,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dpo.kto_undesirable_weight = 1.0  # KTO λ_U > 0, the weight of undesirable ones
     # LD-DPO: the tokens past the shorter response of a pair count with weight α (1 = plain sums)
     config.dpo.ld_alpha = 1.0  # α in [0, 1]
-    # LD-DPO: the tokens past the shorter response of a pair count with weight α (1 = plain sums)
-    config.dpo.ld_alpha = 1.0  # α in [0, 1]
     # The reference (dpo_jax.reference): "frozen" (its forward in the step), "precomputed" (one
     # pass before DPO, then its params are freed), "moving" (TR-DPO), "none" (log π_ref = 0).
     # Losses that read no reference (simpo, sft) always run with "none".

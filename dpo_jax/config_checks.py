@@ -140,8 +140,6 @@ def _check_loss(dpo: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dpo (loss_type={dpo.loss_type!r}): {error}") from None
     if not 0 <= dpo.ld_alpha <= 1:
         raise ValueError(f"config.dpo.ld_alpha={dpo.ld_alpha} must be in [0, 1] (1 = off)")
-    if not 0 <= dpo.ld_alpha <= 1:
-        raise ValueError(f"config.dpo.ld_alpha={dpo.ld_alpha} must be in [0, 1] (1 = off)")
 
 
 def _check_reference(dpo: ml_collections.ConfigDict) -> None:
