@@ -162,6 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.guards.on_nonfinite = "stop"  # "stop" (an error naming the step) or "skip" (go on)
     config.guards.max_skipped_steps = 10  # on_nonfinite="skip": stop after N skipped in a row
     config.guards.collapse_patience = 3  # warn after N log steps in a row of a collapsed policy
+    # At step 1 the policy must still be its reference (rewards 0, sigmoid loss ln 2): else stop.
+    config.guards.check_step0 = True  # bool
 
     # Logging
     config.log = ml_collections.ConfigDict()

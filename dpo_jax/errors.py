@@ -14,6 +14,10 @@ class Diverged(RunStopped):
     the non-finite update was not applied, and nothing non-finite was written."""
 
 
+class ReferenceMismatch(RunStopped):
+    """At step 1 the policy, which should be its own reference, scored differently from it."""
+
+
 class Preempted(RunStopped):
     """SIGTERM or SIGINT arrived: a checkpoint was saved at the step boundary that followed."""
 

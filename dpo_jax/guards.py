@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax.errors import Diverged, NonFiniteParams
+from dpo_jax.errors import Diverged, NonFiniteParams, ReferenceMismatch
 
 # Below this mean |log π(y_w|x) − log π(y_l|x)|, chosen and rejected count as identical.
 _COLLAPSE_MARGIN = 1e-6
@@ -28,12 +28,17 @@ class StepGuard:
       on_nonfinite: "stop" (raise `Diverged` at the first non-finite step) or "skip".
       max_skipped_steps: with "skip", raise `Diverged` after this many skipped in a row.
       collapse_patience: warn after this many log steps in a row that look collapsed.
+      step0_tolerance: check that the first step's policy is its reference: the mean
+        |log π − log π_ref| per sequence (metric `logps/ref_abs_diff`) of step 1 at most this
+        many nats, relative to max(1, |logps/chosen|); None: no check (no reference, a resumed
+        stage, or `config.guards.check_step0=False`).
     """
 
     stage: str
     on_nonfinite: str
     max_skipped_steps: int
     collapse_patience: int
+    step0_tolerance: float | None = None
     skipped_in_a_row: int = 0
     skipped_total: int = 0
     collapsed_logs: int = 0
@@ -55,6 +60,8 @@ class StepGuard:
             return
         step, device_metrics, data_position = self._pending
         self._pending = None
+        if step == 1 and self.step0_tolerance is not None:
+            self._check_step0(device_metrics)
         if not int(jax.device_get(device_metrics["nonfinite"])):
             self.skipped_in_a_row = 0
             return
@@ -77,6 +84,21 @@ class StepGuard:
                 f"[{self.stage}] {self.skipped_in_a_row} steps in a row were not finite (up to "
                 f"step {step}; config.guards.max_skipped_steps={self.max_skipped_steps}): the "
                 "run has diverged. Lower config.optimizer.learning_rate"
+            )
+
+    def _check_step0(self, device_metrics: dict) -> None:
+        """Raises `ReferenceMismatch` when step 1's policy and reference log-probs differ."""
+        names = ("logps/ref_abs_diff", "logps/chosen")
+        gap, chosen = (float(jax.device_get(device_metrics[name])) for name in names)
+        allowed = self.step0_tolerance * max(1.0, abs(chosen))
+        if gap > allowed:
+            raise ReferenceMismatch(
+                f"[{self.stage}] step 1: the policy is not its reference before any update: "
+                f"mean |log π − log π_ref| = {gap:.6g} nats per sequence (allowed {allowed:.3g}; "
+                "the rewards should start at 0 and the sigmoid loss at ln 2). Likely causes: "
+                "dropout on in one forward, the policy and reference params in different dtypes, "
+                "or a reference that is not the starting policy. Turn the check off with "
+                "config.guards.check_step0=False"
             )
 
     def after_log(self, step: int, metrics: dict[str, float]) -> None:

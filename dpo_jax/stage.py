@@ -68,6 +68,7 @@ class Context:
     on_nonfinite: str = "stop"  # a non-finite step: "stop" or "skip" (see dpo_jax.guards)
     max_skipped_steps: int = 10  # with "skip": stop after this many in a row
     collapse_patience: int = 3  # warn after this many collapsed-looking log steps in a row
+    step0_tolerance: float | None = None  # the step-0 check's relative tolerance; None: off
 
 
 def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage):
@@ -272,7 +273,15 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
         description=stage.name,
         enabled=ctx.progress_bar and is_main,
     )
-    guard = StepGuard(stage.name, ctx.on_nonfinite, ctx.max_skipped_steps, ctx.collapse_patience)
+    # The step-0 check needs a reference that is the starting policy, and a fresh stage.
+    checks_step0 = start == 0 and reference_lib.kind_name(stage.reference) != "none"
+    guard = StepGuard(
+        stage.name,
+        ctx.on_nonfinite,
+        ctx.max_skipped_steps,
+        ctx.collapse_patience,
+        step0_tolerance=ctx.step0_tolerance if checks_step0 else None,
+    )
     loop = _Loop(stage, ctx, manager, writer, bar, guard)
     try:
         with preemption.catch_stop_signals() as stop:

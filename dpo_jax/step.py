@@ -226,6 +226,9 @@ def loss_and_metrics(
     # 0 when chosen and rejected get identical log-probs on every pair: a collapsed policy.
     abs_margin = jnp.abs(_flat(policy.logps, 0) - _flat(policy.logps, 1))  # [B·S]
     metrics["logps/abs_margin"] = jnp.sum(jnp.where(pair_mask, abs_margin, 0.0)) / num_pairs
+    # Mean |log π − log π_ref| per sequence: 0 at step 0, when the policy is its reference.
+    ref_gap = jnp.abs(policy_logps - ref_logps).mean(axis=1).reshape(-1)  # [B·S]
+    metrics["logps/ref_abs_diff"] = jnp.sum(jnp.where(pair_mask, ref_gap, 0.0)) / num_pairs
     metrics["num_pairs"] = jnp.sum(pair_mask, dtype=jnp.int32)
     return loss, metrics
 

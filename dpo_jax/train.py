@@ -31,6 +31,10 @@ REFERENCES = tuple(reference_lib.KINDS)
 # builds no reference at all, whatever config.dpo.reference says.
 REFERENCE_FREE_LOSSES = step_lib.REFERENCE_FREE_LOSSES
 # The metrics in the summary table, in order.
+# The step-0 check's tolerance on |log π − log π_ref|, relative to |log π|, by compute dtype: the
+# policy's and the reference's forwards are separate computations (XLA may fuse them apart), so
+# they agree to float32 rounding, or to bfloat16's ~3 digits.
+STEP0_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 SUMMARY_METRICS = (
     "loss",
     "rewards/accuracies",
@@ -216,6 +220,7 @@ def make_context(config, mesh, model_config: ModelConfig, workdir: str) -> Conte
     )
 
 
+        step0_tolerance=STEP0_TOLERANCE[model_config.dtype] if config.guards.check_step0 else None,
 def initial_params(model_config: ModelConfig, loaded: Any, ctx: Context, seed: int) -> Any:
     """Loaded params placed by their shardings, or a random init compiled to land sharded."""
     if loaded is not None:
