@@ -20,11 +20,13 @@ Variants (`configs/default.py:<variant>`):
   precomputed_ref  reference log-probs computed in one pass before DPO, carried in the batch.
   tr_dpo     TR-DPO: the reference is pulled towards the policy every 16 steps (α = 0.6).
   packed     two pairs packed into each row (segment ids).
+  kto        KTO (arXiv:2402.01306) instead of DPO: each pair becomes a desirable and an
+             undesirable completion; β = 2 (README, "KTO on the synthetic task").
 """
 
 import ml_collections
 
-VARIANTS = ("", "tiny", "dpo_paper", "precomputed_ref", "tr_dpo", "packed")
+VARIANTS = ("", "tiny", "dpo_paper", "precomputed_ref", "tr_dpo", "packed", "kto")
 
 # Logical axis -> mesh axes. One entry per logical name the models use; a param with a name not
 # listed here is an error. The batch is always split over ("data", "fsdp") on its first axis.
@@ -118,9 +120,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # LD-DPO: the tokens past the shorter response of a pair count with weight α (1 = plain sums)
     config.dpo.ld_alpha = 1.0  # α in [0, 1]
     # The reference (dpo_jax.reference): "frozen" (its forward in the step), "precomputed" (one
-    # pass before DPO, then its params are freed), "moving" (TR-DPO), "none" (log π_ref = 0).
+    # pass before DPO, then its params are freed), "cached" (precomputed, kept on disk by a
+    # fingerprint of weights, tokenizer, data and settings), "moving" (TR-DPO), "none" (log π_ref
+    # = 0).
     # Losses that read no reference (simpo, sft) always run with "none".
-    config.dpo.reference = "frozen"  # "frozen", "precomputed", "moving", "none"
+    config.dpo.reference = "frozen"  # "frozen", "precomputed", "cached", "moving", "none"
+    config.dpo.ref_cache_dir = (
+        ""  # reference="cached": its directory; "" = <workdir>/ref_logps_cache
+    )
     config.dpo.ref_sync_every = 0  # reference="moving": ref <- α·policy + (1−α)·ref every N steps
     config.dpo.ref_sync_alpha = 0.6  # reference="moving": TR-DPO α in [0, 1]
 
@@ -210,6 +217,9 @@ def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.dpo.reference = "moving"
         config.dpo.ref_sync_every = 16
         config.dpo.ref_sync_alpha = 0.6
+    elif variant == "kto":
+        config.dpo.loss_type = "kto"
+        config.dpo.beta = 2.0
     elif variant == "packed":
         config.data.pairs_per_row = 2
         config.data.max_length = 36
