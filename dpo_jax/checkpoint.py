@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dpo_jax.guards import check_finite
@@ -62,7 +63,7 @@ def save(
     if not (force or manager.should_save(step)):
         return False
     check_finite(state.params, f"checkpoint of step {step}")  # never write NaN weights
-    items = {"train_state": state, "rng": jax.random.key_data(rng)}
+    items = {"train_state": state, "rng": _global_key_data(rng, state.step.sharding)}
     return manager.save(
         step,
         args=ocp.args.Composite(
@@ -70,6 +71,16 @@ def save(
         ),
         force=force,
     )
+
+
+def _global_key_data(rng: jax.Array, replicated: jax.sharding.Sharding) -> jax.Array:
+    """The key's data as an array replicated like the step: with several processes orbax saves
+    only global arrays, and the base key is the same on every process."""
+    data = jax.random.key_data(rng)
+    if jax.process_count() == 1 or not data.is_fully_addressable:
+        return data
+    host = np.asarray(data)
+    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
 
 
 def restore_latest(
@@ -100,6 +111,10 @@ def restore_latest(
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
     abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    if jax.process_count() > 1:  # saved replicated like the step (`_global_key_data`)
+        abstract_rng = jax.ShapeDtypeStruct(
+            abstract_rng.shape, abstract_rng.dtype, sharding=abstract_state.step.sharding
+        )
     target = {"train_state": abstract_state, "rng": abstract_rng}
     restored = manager.restore(
         step,

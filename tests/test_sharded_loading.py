@@ -162,3 +162,29 @@ def test_lazy_slices_equal_the_converted_tensors(tmp_path, family):
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(eager), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(array), np.asarray(full), err_msg=str(path))
+
+
+def test_gguf_loads_sharded_and_dequantises_each_tensor_once(tmp_path, monkeypatch):
+    from test_gemma3_gguf import _write_tiny_gguf
+
+    from dpo_jax.models import convert_gguf
+
+    path = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    eager = convert_gguf.load_gguf(path)[1]  # the whole-tensor path, checked against transformers
+    dequantised = []
+    original = convert_gguf._dequantize
+    monkeypatch.setattr(
+        convert_gguf,
+        "_dequantize",
+        lambda tensor, shape, name: dequantised.append(name) or original(tensor, shape, name),
+    )
+    model_config, lazy, _ = convert_gguf.load_gguf(path, lazy=True)
+    assert not dequantised  # nothing is read before placement
+    num_devices = 2 if model_config.hidden_size % 8 else 8
+    mesh = sharding.make_mesh(1, num_devices, 1, num_devices=num_devices)
+    params = initial_params(model_config, lazy, _context(model_config, mesh, FSDP_RULES), 0)
+    assert sorted(dequantised) == sorted(set(dequantised))  # each tensor once, all shards
+    for (path_, array), full in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(eager), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(array), np.asarray(full), err_msg=str(path_))

@@ -58,30 +58,36 @@ _MAX_VOCAB = 1 << 22
 _MAX_LAYERS = 1024
 
 
-def load_gguf(path: str | os.PathLike, **config_overrides: Any):
+def load_gguf(path: str | os.PathLike, *, lazy: bool = False, **config_overrides: Any):
     """Loads a Gemma 3 GGUF file as our model.
 
     Args:
       path: the .gguf file.
+      lazy: params as `convert_hf.LazyParam`s (for sharded loading): a tensor is dequantised
+        when a slice of it is first read, and only one stacked param's tensors are kept.
       **config_overrides: ModelConfig fields to set (e.g. dtype="bfloat16", remat=True).
 
     Returns:
-      (config, params, tokenizer): a `ModelConfig`, the float32 params pytree for
-      `make_apply_fn(config)`, and the file's `Tokenizer`.
+      (config, params, tokenizer): a `ModelConfig`, the params pytree for `make_apply_fn(config)`
+      (dequantised to float32, stored in `config.param_dtype`), and the file's `Tokenizer`.
 
     Raises:
       FileNotFoundError: no file at `path`.
       ValueError: an unsupported architecture or tokenizer, or a tensor or setting that does not
         fit the model described by the metadata.
     """
-    hf_config, tensors, tokenizer = gguf_to_hf(path)
+    hf_config, tensors, tokenizer = gguf_to_hf(path, lazy=lazy)
     config = ModelConfig.from_hf_config(hf_config, **config_overrides)
     check_tokenizer_fits(tokenizer, config)
+    if lazy:
+        return config, convert_hf.lazy_params_from_hf_tensors(config, tensors), tokenizer
     params = convert_hf.params_from_hf_tensors(config, tensors)
     return config, params, tokenizer
 
 
-def gguf_to_hf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
+def gguf_to_hf(
+    path: str | os.PathLike, *, lazy: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], Tokenizer]:
     """Reads a GGUF file into what a Hugging Face checkpoint holds.
 
     Args:
@@ -90,7 +96,8 @@ def gguf_to_hf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nd
     Returns:
       (hf_config, tensors, tokenizer): the config.json dict transformers would use
       (`Gemma3ForCausalLM`), float32 numpy tensors keyed and shaped as in transformers' state dict
-      (e.g. `model.layers.0.self_attn.q_proj.weight`, [H * head_dim, D]), and the tokenizer.
+      (e.g. `model.layers.0.self_attn.q_proj.weight`, [H * head_dim, D]; with `lazy`, tensors
+      dequantised when first indexed), and the tokenizer.
 
     Raises:
       FileNotFoundError: no file at `path`.
@@ -100,7 +107,7 @@ def gguf_to_hf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nd
     metadata = _read_metadata(reader)
     tokenizer = _tokenizer_from_reader(reader, metadata, path)
     hf_config = _hf_config_from_metadata(metadata, tokenizer.vocab_size, reader, path)
-    tensors = _read_tensors(reader, hf_config, path)
+    tensors = _read_tensors(reader, hf_config, path, lazy=lazy)
     return hf_config, tensors, tokenizer
 
 
@@ -291,11 +298,49 @@ def _hf_name(gguf_name: str, path: str) -> str:
     raise ValueError(f"{path}: unexpected tensor {gguf_name!r} for a Gemma 3 model")
 
 
-def _read_tensors(reader, hf_config: dict[str, Any], path: str) -> dict[str, np.ndarray]:
-    """Dequantised float32 tensors under transformers' names, each shape checked first."""
+class _GGUFTensor:
+    """A GGUF tensor under its transformers name: `shape`, and dequantised when indexed (a few
+    recently used ones are kept in `cache`, shared by the file's tensors)."""
+
+    def __init__(self, tensor, shape: tuple[int, ...], name: str, cache: dict, capacity: int):
+        self.tensor, self.shape, self.name = tensor, shape, name
+        self.cache, self.capacity = cache, capacity
+
+    def __array__(self, dtype=None, copy=None):
+        array = self._dequantized()
+        return array if dtype is None else array.astype(dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self._dequantized()[index]
+
+    def _dequantized(self) -> np.ndarray:
+        if self.name not in self.cache:
+            while len(self.cache) >= self.capacity:
+                self.cache.pop(next(iter(self.cache)))  # the oldest
+            self.cache[self.name] = _dequantize(self.tensor, self.shape, self.name)
+        return self.cache[self.name]
+
+
+def _dequantize(tensor, shape: tuple[int, ...], name: str) -> np.ndarray:
     from gguf.quants import dequantize
 
+    weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    weights = weights.reshape(shape)
+    if name.endswith("norm.weight"):
+        # llama.cpp stores Gemma's RMSNorm scale as (1 + w); transformers' Gemma multiplies
+        # by (1 + w) itself, so it holds w (its GGUF loader subtracts 1 the same way).
+        weights = weights - np.float32(1.0)
+    return weights
+
+
+def _read_tensors(
+    reader, hf_config: dict[str, Any], path: str, *, lazy: bool = False
+) -> dict[str, Any]:
+    """Dequantised float32 tensors under transformers' names, each shape checked first (with
+    `lazy`, `_GGUFTensor`s that dequantise when indexed, keeping one layer-stack's worth)."""
     expected = _expected_shapes(hf_config)
+    cache: dict[str, np.ndarray] = {}
+    capacity = int(hf_config["num_hidden_layers"]) + 1
     tensors = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name, path)
@@ -310,13 +355,8 @@ def _read_tensors(reader, hf_config: dict[str, Any], path: str) -> dict[str, np.
             )
         if name in tensors:
             raise ValueError(f"{path}: tensor {tensor.name!r} appears twice")
-        weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        weights = weights.reshape(shape)
-        if name.endswith("norm.weight"):
-            # llama.cpp stores Gemma's RMSNorm scale as (1 + w); transformers' Gemma multiplies
-            # by (1 + w) itself, so it holds w (its GGUF loader subtracts 1 the same way).
-            weights = weights - np.float32(1.0)
-        tensors[name] = weights
+        lazy_tensor = _GGUFTensor(tensor, shape, name, cache, capacity)
+        tensors[name] = lazy_tensor if lazy else np.asarray(lazy_tensor)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(

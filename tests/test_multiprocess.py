@@ -1,0 +1,203 @@
+"""Two processes on localhost (gloo, 4 CPU devices each) train as one process with 8 devices."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from dpo_jax import distributed, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "train.py")
+# The run: tiny model, 2 SFT + 4 DPO steps, a checkpoint every 2, precomputed reference, export.
+OVERRIDES = {"dpo.reference": "precomputed", "dpo.num_steps": 4, "log.tensorboard": False}
+METRICS = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
+RUN_TIMEOUT_S = 900
+
+
+def _tiny_config():
+    spec = importlib.util.spec_from_file_location("default_config", f"{ROOT}/configs/default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("tiny")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch(workdir, num_processes: int, extra=(), per_process=None, timeout_s=30):
+    """Runs scripts/train.py as `num_processes` processes; returns [(returncode, output)]."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=ROOT,
+        PYTHONUNBUFFERED="1",
+    )
+    address = f"127.0.0.1:{_free_port()}"
+    flags = [f"--config.{key}={value}" for key, value in OVERRIDES.items()] + list(extra)
+    processes = []
+    for process_id in range(num_processes):
+        command = [sys.executable, SCRIPT, "--config=configs/default.py:tiny"]
+        command += [f"--workdir={workdir}", f"--coordinator_address={address}"]
+        command += [f"--num_processes={num_processes}", f"--process_id={process_id}"]
+        command += [f"--distributed_timeout={timeout_s}", *flags]
+        command += list((per_process or {}).get(process_id, ()))
+        processes.append(
+            subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    results = []
+    for process in processes:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+        results.append((process.returncode, output.decode()))
+    return results
+
+
+def _train_metrics(workdir, stage: str) -> dict[int, dict]:
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r for r in records if r.get("split", "train") == "train" and "loss" in r}
+
+
+def _single_process_run(workdir) -> None:
+    config = _tiny_config()
+    for key, value in OVERRIDES.items():
+        group, field = key.split(".")
+        config[group][field] = value
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_two_processes_train_resume_and_export_as_one(tmp_path):
+    two = tmp_path / "two_processes"
+    first = _launch(two, 2)
+    for returncode, output in first:
+        assert returncode == 0, output[-3000:]
+    losses_first = _train_metrics(two, "dpo")
+    # A crash after step 2's checkpoint: step 4's checkpoint and the export are lost; the rerun
+    # restores step 2 (SFT is complete) and replays steps 3 and 4.
+    shutil.rmtree(two / "dpo" / "checkpoints" / "4")
+    shutil.rmtree(two / "hf")
+    second = _launch(two, 2)
+    for returncode, output in second:
+        assert returncode == 0, output[-3000:]
+    assert "reference log-probs of" in second[0][1]  # the precomputed pass ran on resume too
+
+    one = tmp_path / "one_process"
+    _single_process_run(one)
+    for stage, steps in (("sft", (1, 2)), ("dpo", (1, 2, 3, 4))):
+        expected, got = _train_metrics(one, stage), _train_metrics(two, stage)
+        assert sorted(got) == list(steps), (stage, sorted(got))
+        for step in steps:
+            for name in METRICS:  # the same global batch in the same order gives these
+                np.testing.assert_allclose(
+                    got[step][name],
+                    expected[step][name],
+                    rtol=2e-5,
+                    atol=1e-6,
+                    err_msg=f"{stage} step {step} {name}",
+                )
+    for step in (1, 2, 3, 4):  # the replayed steps equal the first run's
+        np.testing.assert_allclose(
+            losses_first[step]["loss"], _train_metrics(two, "dpo")[step]["loss"], rtol=1e-6
+        )
+    exported, expected = (
+        load_file(two / "hf" / "model.safetensors"),
+        load_file(one / "hf" / "model.safetensors"),
+    )
+    assert sorted(exported) == sorted(expected)
+    for name, tensor in expected.items():
+        np.testing.assert_allclose(exported[name], tensor, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "extra, per_process, message",
+    [
+        ((), {1: ["--config.dpo.beta=0.2"]}, "process 1 has another config than process 0"),
+        (["--config.mesh.data=3"], None, r"needs 3 devices but 8 are used \(2 process"),
+    ],
+    ids=["config_differs", "mesh_does_not_divide"],
+)
+def test_bad_multiprocess_starts_are_clear_errors(tmp_path, extra, per_process, message):
+    results = _launch(tmp_path, 2, extra=extra, per_process=per_process)
+    for returncode, output in results:
+        assert returncode == 1, output[-3000:]
+        assert re.search(message, output), output[-3000:]
+        assert "Traceback" not in output
+
+
+def test_unreachable_coordinator_times_out_with_a_clear_message(tmp_path):
+    ((returncode, output),) = _launch(
+        tmp_path, 1, per_process={0: ["--num_processes=2", "--process_id=1"]}, timeout_s=2
+    )
+    assert returncode == 1, output
+    assert "could not reach the coordinator at 127.0.0.1:" in output
+    assert "within 2 s" in output
+
+
+def _handshake_all(hellos, timeout_s=20.0):
+    """Runs `distributed.handshake` for each (num_processes, process_id, hash) in threads."""
+    address = f"127.0.0.1:{_free_port()}"
+    errors = {}
+
+    def run(num_processes, process_id, digest):
+        try:
+            distributed.handshake(address, num_processes, process_id, digest, timeout_s)
+        except distributed.DistributedError as error:
+            errors[process_id] = str(error)
+
+    threads = [threading.Thread(target=run, args=hello) for hello in hellos]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_handshake_agrees_or_names_the_disagreement():
+    assert _handshake_all([(3, 0, "a"), (3, 1, "a"), (3, 2, "a")]) == {}
+    errors = _handshake_all([(2, 0, "a"), (3, 1, "a")])
+    assert set(errors) == {0, 1}
+    assert (
+        "process 1 was started with --num_processes=3, process 0 with --num_processes=2"
+        in (errors[1])
+    )
+    errors = _handshake_all([(2, 0, "a"), (2, 1, "b")])
+    assert "process 1 has another config than process 0" in errors[0]
+    errors = _handshake_all([(3, 0, "a"), (3, 1, "a")], timeout_s=2.0)  # process 2 never starts
+    assert "processes [2] did not connect within 2.0 s" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(coordinator_address="nohost"), "must be host:port"),
+        (dict(coordinator_address="h:1", num_processes=0), "--num_processes=0 must be >= 1"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), "--process_id=2"),
+        (dict(mode="mpi"), "--distributed='mpi'"),
+    ],
+)
+def test_bad_distributed_flags(kwargs, message):
+    with pytest.raises(distributed.DistributedError, match=message):
+        distributed.initialize(**kwargs)
+
+
+def test_config_hash_tells_configs_apart():
+    base, other = _tiny_config(), _tiny_config()
+    assert distributed.config_hash(base) == distributed.config_hash(other)
+    other.dpo.beta = 0.2
+    assert distributed.config_hash(base) != distributed.config_hash(other)
