@@ -125,9 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # = 0).
     # Losses that read no reference (simpo, sft) always run with "none".
     config.dpo.reference = "frozen"  # "frozen", "precomputed", "cached", "moving", "none"
-    config.dpo.ref_cache_dir = (
-        ""  # reference="cached": its directory; "" = <workdir>/ref_logps_cache
-    )
+    config.dpo.ref_cache_dir = ""  # reference="cached": directory; "" = <workdir>/ref_logps_cache
     config.dpo.ref_sync_every = 0  # reference="moving": ref <- α·policy + (1−α)·ref every N steps
     config.dpo.ref_sync_alpha = 0.6  # reference="moving": TR-DPO α in [0, 1]
 
