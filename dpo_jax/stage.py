@@ -332,13 +332,26 @@ class _Loop:
             if ctx.eval_every and done % ctx.eval_every == 0 and stage.eval_batches:
                 metrics_eval = evaluate(stage, state.params, state.reference_params, ctx)
                 self.writer.write(done, metrics_eval, split="eval")
-            if stop.requested:
-                self._preempted(done, state, rng, pending, history, stop.signal_name)
+            if self._should_stop(done, stop):
+                signal_name = stop.signal_name or "a stop signal (on another process)"
+                self._preempted(done, state, rng, pending, history, signal_name)
             self._save(done, state, rng, force=done == stage.num_steps)
         self.guard.check_pending()
         if pending is not None:
             history.append(self._log(pending))
         return state, history
+
+    def _should_stop(self, done: int, stop: preemption.StopRequest) -> bool:
+        """Whether to stop after step `done`. With several processes, the flags are all-reduced
+        at log steps only (one small collective each), so every process stops at the same step;
+        set config.log.every_steps so that a log interval fits the scheduler's grace period."""
+        if jax.process_count() == 1:
+            return stop.requested
+        if done % self.ctx.log_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested))))
 
     def _save(self, done: int, state, rng, *, force: bool) -> None:
         checkpoint.save(

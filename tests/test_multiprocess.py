@@ -5,10 +5,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -201,3 +203,50 @@ def test_config_hash_tells_configs_apart():
     assert distributed.config_hash(base) == distributed.config_hash(other)
     other.dpo.beta = 0.2
     assert distributed.config_hash(base) != distributed.config_hash(other)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """SLURM or a TPU preemption may signal one host first: the flags are all-reduced at log
+    steps, so both processes save the same step and exit 0 (rerun to resume)."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=ROOT,
+    )
+    address = f"127.0.0.1:{_free_port()}"
+    flags = ["--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--num_processes=2"]
+    flags += [f"--coordinator_address={address}", "--config.sft.num_steps=0"]
+    flags += ["--config.dpo.num_steps=5000", "--config.log.every_steps=3"]
+    flags += ["--config.checkpoint.every_steps=10000", "--config.checkpoint.export_hf=False"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, SCRIPT, *flags, f"--process_id={i}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    try:
+        metrics = tmp_path / "dpo" / "metrics.jsonl"
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [process.communicate(timeout=RUN_TIMEOUT_S)[0].decode() for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    saved = []
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+        found = re.search(r"received: saved step (\d+) to", output)
+        assert found, output[-3000:]
+        saved.append(int(found.group(1)))
+    assert saved[0] == saved[1] and saved[0] % 3 == 0, saved
+    assert "a stop signal (on another process) received" in outputs[0]
+    assert "SIGTERM received" in outputs[1]
+    assert (tmp_path / "dpo" / "checkpoints" / str(saved[0])).is_dir()
