@@ -5,29 +5,38 @@ each pair's (chosen, rejected) summed log-probs under the pair's content: the to
 response mask of its chosen and rejected sequences. Training batches, shuffled and possibly
 packed differently, then get `ref_logps` [B, 2, S] by looking each slot's pair up. Keying by
 content, not by an index, needs nothing from the data pipeline and survives packing; identical
-pairs share an entry, which is right since their log-probs are identical.
+pairs share an entry, which is right since their log-probs are identical. The key is a sha256
+of that content, so a table of a million pairs holds 32 bytes of key per pair and can be written
+to a file (`dpo_jax.ref_cache`).
 
 With several processes each one runs the pass on its slice of every batch (as the pipeline gives
 it), and the slices' pairs and log-probs are all-gathered, so every process ends with the whole
 table: its training batches, shuffled anew each epoch, read pairs that another process saw.
 """
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
-PairKey = tuple[bytes, bytes, bytes, bytes]
+PairKey = bytes  # sha256 of the pair's content: 32 bytes
 
 
 def _pair_key(batch: dict[str, np.ndarray], row: int, segment: int) -> PairKey:
-    parts = []
+    """sha256 over the pair's chosen and rejected token ids and response masks (each part
+    length-prefixed, so no two different pairs share the byte stream)."""
+    hasher = hashlib.sha256()
     for side in (0, 1):
         in_segment = batch["segment_ids"][row, side] == segment
-        parts.append(batch["tokens"][row, side][in_segment].astype(np.int32).tobytes())
-        parts.append(batch["response_mask"][row, side][in_segment].astype(bool).tobytes())
-    return tuple(parts)
+        for part in (
+            batch["tokens"][row, side][in_segment].astype(np.int32).tobytes(),
+            batch["response_mask"][row, side][in_segment].astype(bool).tobytes(),
+        ):
+            hasher.update(len(part).to_bytes(8, "little"))
+            hasher.update(part)
+    return hasher.digest()
 
 
 def _slots(batch: dict[str, np.ndarray]) -> Iterator[tuple[int, int]]:
@@ -51,6 +60,28 @@ class RefLogpsTable:
             self._logps[_pair_key(batch, row, slot + 1)] = np.asarray(
                 logps[row, :, slot], np.float32
             )
+
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys [N, 32] uint8, log-probs [N, 2] float32), for a file (`dpo_jax.ref_cache`)."""
+        keys = np.frombuffer(b"".join(self._logps), np.uint8).reshape(len(self), 32)
+        logps = np.stack(list(self._logps.values())) if self._logps else np.zeros((0, 2))
+        return keys, logps.astype(np.float32)
+
+    @classmethod
+    def from_arrays(cls, keys: np.ndarray, logps: np.ndarray) -> "RefLogpsTable":
+        """The table `to_arrays` gave.
+
+        Raises:
+          ValueError: arrays of the wrong shapes.
+        """
+        if keys.ndim != 2 or keys.shape[1] != 32 or logps.shape != (len(keys), 2):
+            raise ValueError(
+                f"keys {keys.shape} and log-probs {logps.shape}: expected [N, 32], [N, 2]"
+            )
+        table = cls()
+        for key, value in zip(keys, logps, strict=True):
+            table._logps[key.tobytes()] = np.asarray(value, np.float32)
+        return table
 
     def attach(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch plus `ref_logps` [B, 2, S] float32 (0 on padding slots).

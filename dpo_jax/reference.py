@@ -11,9 +11,11 @@ call the functions below, which dispatch on it:
 - `MovingReference` (TR-DPO): log-probs from a forward of `TrainState.reference_params`, which
   are mixed towards the policy every N steps. Holds one param copy, in the state (donated and
   checkpointed with it).
+- `PrecomputedReference(cache=path)`, the "cached" kind: the same, with the table read from or
+  written to a file keyed by a fingerprint of everything the log-probs depend on.
 - `NoReference`: log π_ref taken as 0 (SimPO, SFT, reference-free DPO). Holds nothing.
 
-A new kind (adapters switched off, a cache on disk) is a new class here and a new case in each
+A new kind (adapters switched off, say) is a new class here and a new case in each
 function below; nothing in the step or the loop changes.
 
 The kind is a pytree node type, so it is static under `jax.jit`: each kind traces its own step,
@@ -41,7 +43,14 @@ class FrozenReference:
 
 @flax.struct.dataclass
 class PrecomputedReference:
-    """Reference log-probs computed once before training and carried in each batch."""
+    """Reference log-probs computed once before training and carried in each batch.
+
+    Attributes:
+      cache: the file they were read from or written to (`dpo_jax.ref_cache`, the "cached"
+        kind), or "" when they were computed for this run only.
+    """
+
+    cache: str = flax.struct.field(pytree_node=False, default="")
 
 
 @flax.struct.dataclass
@@ -68,13 +77,16 @@ Reference = FrozenReference | PrecomputedReference | MovingReference | NoReferen
 KINDS = {
     "frozen": FrozenReference,
     "precomputed": PrecomputedReference,
+    "cached": PrecomputedReference,  # precomputed, kept on disk by fingerprint (ref_cache.py)
     "moving": MovingReference,
     "none": NoReference,
 }
 
 
 def kind_name(reference: Reference) -> str:
-    """'frozen', 'precomputed', 'moving' or 'none'."""
+    """'frozen', 'precomputed', 'cached', 'moving' or 'none'."""
+    if isinstance(reference, PrecomputedReference) and reference.cache:
+        return "cached"
     for name, cls in KINDS.items():
         if isinstance(reference, cls):
             return name

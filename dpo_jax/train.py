@@ -12,8 +12,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
-from dpo_jax import checkpoint, evaluation, ref_logps, run_config, sharding
+from dpo_jax import checkpoint, evaluation, ref_cache, ref_logps, run_config, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
 from dpo_jax.config_checks import check_config, loss_names, loss_weights
@@ -30,11 +31,11 @@ REFERENCES = tuple(reference_lib.KINDS)
 # Losses that read no reference log-probs (sft, simpo, cpo, orpo): with only these, the stage
 # builds no reference at all, whatever config.dpo.reference says.
 REFERENCE_FREE_LOSSES = step_lib.REFERENCE_FREE_LOSSES
-# The metrics in the summary table, in order.
 # The step-0 check's tolerance on |log π − log π_ref|, relative to |log π|, by compute dtype: the
 # policy's and the reference's forwards are separate computations (XLA may fuse them apart), so
 # they agree to float32 rounding, or to bfloat16's ~3 digits.
 STEP0_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+# The metrics in the summary table, in order.
 SUMMARY_METRICS = (
     "loss",
     "rewards/accuracies",
@@ -93,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, model_config, tokenizer, sources[1], dpo_stage, dpo_state
     )
 
-    if config.checkpoint.export_hf and jax.process_index() == 0:
+    if config.checkpoint.export_hf:  # every process gathers; process 0 writes
         checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, dpo_state.params)
     summary = {
         "sft": sft_summary,
@@ -143,11 +144,13 @@ def load_model(
     )
     params = None
     if config.model.source == "hf":
-        model_config, params = load_hf(config.model.hf_path, **overrides)
+        model_config, params = load_hf(config.model.hf_path, lazy=True, **overrides)
     elif config.model.source == "gguf":
         from dpo_jax.models.convert_gguf import load_gguf
 
-        model_config, params, gguf_tokenizer = load_gguf(_gguf_path(config, workdir), **overrides)
+        model_config, params, gguf_tokenizer = load_gguf(
+            _gguf_path(config, workdir), lazy=True, **overrides
+        )
     tokenizer = _load_tokenizer(config, gguf_tokenizer if config.model.source == "gguf" else None)
     if config.model.source == "random":
         model_config = ModelConfig(
@@ -217,17 +220,29 @@ def make_context(config, mesh, model_config: ModelConfig, workdir: str) -> Conte
         on_nonfinite=config.guards.on_nonfinite,
         max_skipped_steps=config.guards.max_skipped_steps,
         collapse_patience=config.guards.collapse_patience,
+        step0_tolerance=STEP0_TOLERANCE[model_config.dtype] if config.guards.check_step0 else None,
     )
 
 
-        step0_tolerance=STEP0_TOLERANCE[model_config.dtype] if config.guards.check_step0 else None,
 def initial_params(model_config: ModelConfig, loaded: Any, ctx: Context, seed: int) -> Any:
-    """Loaded params placed by their shardings, or a random init compiled to land sharded."""
+    """Loaded params born sharded, or a random init compiled to land sharded.
+
+    Each loaded leaf (a lazily read tensor of `load_hf(..., lazy=True)`, or an array) is indexed
+    once per addressable shard by `jax.make_array_from_callback`: no device receives more than
+    its own shard of a tensor the rules split, and the host reads no more than those slices.
+    """
     if loaded is not None:
-        check_finite(loaded, "the loaded model")
-        return jax.device_put(loaded, ctx.param_shardings)
+        params = jax.tree.map(_born_sharded, loaded, ctx.param_shardings)
+        check_finite(params, "the loaded model")
+        return params
     init = jax.jit(functools.partial(init_params, model_config), out_shardings=ctx.param_shardings)
     return init(jax.random.key(seed))
+
+
+def _born_sharded(source: Any, where: jax.sharding.Sharding) -> jax.Array:
+    return jax.make_array_from_callback(
+        tuple(source.shape), where, lambda index: np.asarray(source[index])
+    )
 
 
 # ----------------------------------------------------------------------------- data and stages
@@ -381,7 +396,7 @@ def make_reference(config: ml_collections.ConfigDict, initial_params: Any):
             return reference_lib.MovingReference(
                 sync_every=config.dpo.ref_sync_every, alpha=config.dpo.ref_sync_alpha
             )
-        case "precomputed":
+        case "precomputed" | "cached":
             return reference_lib.PrecomputedReference()
         case "none":
             return reference_lib.NoReference()
@@ -402,9 +417,15 @@ def make_dpo_stage(
     eval_batches = _eval_batches(config, tokenizer, sources[1], counts, "dpo")
     reference = make_reference(config, initial_params)
     if isinstance(reference, reference_lib.PrecomputedReference):
-        table = _precompute_reference_logps(
-            config, tokenizer, ctx, sources, options, initial_params
-        )
+        if reference_kind(config) == "cached":
+            table, path = _cached_reference_logps(
+                config, tokenizer, ctx, sources, options, initial_params
+            )
+            reference = reference.replace(cache=path)
+        else:
+            table = _precompute_reference_logps(
+                config, tokenizer, ctx, sources, options, initial_params
+            )
         train_batches = ref_logps.WithRefLogps(train_batches, table)
         eval_batches = [table.attach(batch) for batch in eval_batches]
     print(f"[dpo] reference: {reference_lib.kind_name(reference)}")
@@ -420,13 +441,43 @@ def make_dpo_stage(
     )
 
 
+def _cached_reference_logps(config, tokenizer, ctx: Context, sources, options, ref_params):
+    """(table, cache file): read from `config.dpo.ref_cache_dir` when a run with the same
+    fingerprint wrote it (no reference forward runs), else computed and written there."""
+    cache_dir = config.dpo.ref_cache_dir or os.path.join(ctx.workdir, "ref_logps_cache")
+    components = ref_cache.fingerprint(
+        ref_params=ref_params,
+        tokenizer=tokenizer,
+        sources=sources,
+        data_settings={**_data_options(config), "pairs_per_row": 1},
+        scoring=dict(
+            ld_alpha=options.ld_alpha, final_logit_softcapping=options.final_logit_softcapping
+        ),
+    )
+    path = ref_cache.cache_file(cache_dir, components)
+    start = time.perf_counter()
+    table = ref_cache.load(path)
+    if table is not None:
+        print(
+            f"[dpo] reference log-probs of {len(table)} pairs read from the cache {path} in "
+            f"{time.perf_counter() - start:.2f} s (same fingerprint: no reference forward)"
+        )
+        return table, path
+    print(
+        f"[dpo] no reference log-prob cache for this fingerprint in {cache_dir} "
+        f"({ref_cache.what_changed(cache_dir, components)}): computing it"
+    )
+    table = _precompute_reference_logps(config, tokenizer, ctx, sources, options, ref_params)
+    ref_cache.save(path, components, table)
+    return table, path
+
+
 def _precompute_reference_logps(
     config, tokenizer, ctx: Context, sources, options: step_lib.LossOptions, ref_params: Any
 ) -> ref_logps.RefLogpsTable:
-    """One reference pass over every train and eval pair, into a host-side table. Nothing
-    built here keeps `ref_params` alive after it returns."""
-    if jax.process_count() > 1:
-        raise ValueError("config.dpo.reference='precomputed' runs on one process only")
+    """One reference pass over every train and eval pair, into a host-side table (each process
+    computes its rows; the table holds every process's). Nothing built here keeps `ref_params`
+    alive after it returns."""
     compute = jax.jit(
         functools.partial(
             step_lib.ref_logps_fn,
@@ -436,6 +487,7 @@ def _precompute_reference_logps(
             ld_alpha=options.ld_alpha,
         ),
         in_shardings=(ctx.param_shardings, None),
+        out_shardings=sharding.batch_sharding(ctx.mesh, 3),
     )
     table = ref_logps.RefLogpsTable()
     start = time.perf_counter()
