@@ -19,6 +19,7 @@ jax and compared again, and the mesh is checked against the global devices.
 
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -51,8 +52,10 @@ def detect_mode(coordinator_address: str = "") -> str:
         return "explicit"
     if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
-    on_tpu_vm = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
-    if on_tpu_vm and "TPU_SKIP_MDS_QUERY" not in os.environ:
+    # TPU chips appear as /dev/accel* (v4, v5e) or /dev/vfio/* (v5p, v6e); libtpu drives them.
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    has_libtpu = importlib.util.find_spec("libtpu") is not None
+    if chips and has_libtpu and "TPU_SKIP_MDS_QUERY" not in os.environ:
         return "tpu"
     return "none"
 

@@ -250,3 +250,14 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert "a stop signal (on another process) received" in outputs[0]
     assert "SIGTERM received" in outputs[1]
     assert (tmp_path / "dpo" / "checkpoints" / str(saved[0])).is_dir()
+
+
+def test_detect_mode_reads_the_flags_and_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert distributed.detect_mode() == "none"  # this machine has no TPU chips
+    assert distributed.detect_mode("10.0.0.1:8476") == "explicit"
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.detect_mode() == "none"  # a one-task job is one process
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.detect_mode() == "slurm"
