@@ -96,8 +96,8 @@ def initialize(
     if timeout_s < 1:
         raise DistributedError(f"--distributed_timeout={timeout_s} must be >= 1 second")
     digest = config_hash(config)
-    # The CPU backend needs a collectives implementation across processes (tests, CPU clusters).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if mode != "none":  # CPU devices need a collectives implementation across processes
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if mode == "explicit":
         _check_explicit(coordinator_address, num_processes, process_id)
         handshake(coordinator_address, num_processes, process_id, digest, timeout_s)
