@@ -103,6 +103,7 @@ def _tiny_config(**bench):
         config.model.head_dim = 8
         config.data.batch_size = 2
         config.data.max_length = 10
+        config.data.max_prompt_length = 4
         config.bench.prompt_length = 4
         config.bench.response_length = 6
         config.bench.warmup_steps = 0

@@ -118,7 +118,7 @@ def test_mesh_that_does_not_fit_the_devices():
         (dict(dpo__loss_type=""), r"unknown loss ''"),
         (dict(model__source="s3"), r"model.source='s3'; allowed"),
         (dict(model__source="hf"), r"needs config.model.hf_path"),
-        (dict(dpo__reference="cached"), r"dpo.reference='cached'; allowed"),
+        (dict(dpo__reference="disk"), r"dpo.reference='disk'; allowed"),
         (
             dict(dpo__reference="precomputed", dpo__ref_sync_every=4),
             r"ref_sync_every=4 with config.dpo.reference='precomputed': TR-DPO is",

@@ -161,7 +161,10 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 def test_json_line_that_is_not_an_object(tmp_path):
     path = _write_jsonl(tmp_path / "list.jsonl", ['["a", "b"]'])
-    with pytest.raises(ValueError, match=f"^{path}:1: expected a JSON object, found list"):
+    with pytest.raises(ValueError, match=f"^{path}:1: a JSON array, not an object"):
+        load_records(path)
+    path = _write_jsonl(tmp_path / "number.jsonl", ["3"])
+    with pytest.raises(ValueError, match=f"^{path}:1: expected a JSON object, found int"):
         load_records(path)
 
 
