@@ -15,10 +15,10 @@ _DEFAULT_CONFIG = os.path.join(
 )
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Base training config.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "runs/online_dpo", "Where the rounds' runs go.")
-_REWARD = flags.DEFINE_string("reward", "synthetic_digits", "Labels the pairs (required).")
+_REWARD = flags.DEFINE_string("reward", "synthetic_exact", "Labels the pairs (required).")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Sample-label-train rounds.")
 _STEPS = flags.DEFINE_integer("steps_per_round", 100, "DPO steps per round.")
-_BETA = flags.DEFINE_float("beta", 0.5, "DPO's beta.")
+_BETA = flags.DEFINE_float("beta", 2.0, "DPO's beta.")
 
 
 def main(argv):

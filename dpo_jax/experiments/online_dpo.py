@@ -27,10 +27,10 @@ from dpo_jax.experiments.frontier import _quiet, _run_config, _train
 class OnlineSettings:
     """The experiment's knobs (defaults: a few minutes on a 2-core CPU)."""
 
-    reward: str | None = "synthetic_digits"  # a name in evaluation.REWARD_FUNCTIONS (required)
+    reward: str | None = "synthetic_exact"  # a name in evaluation.REWARD_FUNCTIONS (required)
     rounds: int = 2  # sample-label-train rounds
     steps_per_round: int = 100  # DPO steps of each round
-    beta: float = 0.5  # DPO's β
+    beta: float = 2.0  # DPO's β
     sft_steps: int = 400  # SFT steps of the first policy (the main job's)
     num_train_prompts: int = 4096  # prompts sampled from in each round
     num_eval_prompts: int = 256  # held-out prompts of the exact-match rate
