@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from dpo_jax import distributed, train
+from dpo_jax.models import init_params, save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train.py")
@@ -76,17 +78,30 @@ def _train_metrics(workdir, stage: str) -> dict[int, dict]:
     return {r["step"]: r for r in records if r.get("split", "train") == "train" and "loss" in r}
 
 
-def _single_process_run(workdir) -> None:
+def _configured(overrides: dict):
     config = _tiny_config()
-    for key, value in OVERRIDES.items():
+    for key, value in overrides.items():
         group, field = key.split(".")
         config[group][field] = value
-    train.train_and_evaluate(config, str(workdir))
+    return config
+
+
+def _hf_start(directory, overrides: dict) -> None:
+    """An HF checkpoint of the tiny model (a random init), for the runs to load sharded."""
+    _, model_config, _ = train.load_model(_configured(overrides), str(directory))
+    params = init_params(model_config, jax.random.key(1))
+    save_hf(str(directory), model_config, jax.device_get(params))
 
 
 def test_two_processes_train_resume_and_export_as_one(tmp_path):
+    # FSDP over all 8 devices (both processes): the loaded params and the optimizer state span
+    # the hosts, so loading, checkpoints and the export all cross processes.
+    main = {"model.source": "hf", "model.hf_path": str(tmp_path / "start"), "mesh.data": 1}
+    main["mesh.fsdp"] = -1
+    _hf_start(tmp_path / "start", OVERRIDES)  # the tiny model of source="random"
+    extra = [f"--config.{key}={value}" for key, value in main.items()]
     two = tmp_path / "two_processes"
-    first = _launch(two, 2)
+    first = _launch(two, 2, extra=extra)
     for returncode, output in first:
         assert returncode == 0, output[-3000:]
     losses_first = _train_metrics(two, "dpo")
@@ -94,13 +109,13 @@ def test_two_processes_train_resume_and_export_as_one(tmp_path):
     # restores step 2 (SFT is complete) and replays steps 3 and 4.
     shutil.rmtree(two / "dpo" / "checkpoints" / "4")
     shutil.rmtree(two / "hf")
-    second = _launch(two, 2)
+    second = _launch(two, 2, extra=extra)
     for returncode, output in second:
         assert returncode == 0, output[-3000:]
     assert "reference log-probs of" in second[0][1]  # the precomputed pass ran on resume too
 
     one = tmp_path / "one_process"
-    _single_process_run(one)
+    train.train_and_evaluate(_configured({**OVERRIDES, **main}), str(one))
     for stage, steps in (("sft", (1, 2)), ("dpo", (1, 2, 3, 4))):
         expected, got = _train_metrics(one, stage), _train_metrics(two, stage)
         assert sorted(got) == list(steps), (stage, sorted(got))
