@@ -119,6 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dpo.kto_undesirable_weight = 1.0  # KTO λ_U > 0, the weight of undesirable ones
     # LD-DPO: the tokens past the shorter response of a pair count with weight α (1 = plain sums)
     config.dpo.ld_alpha = 1.0  # α in [0, 1]
+    # WPO: each pair's loss times its responses' policy probabilities, aligned (arXiv:2406.11827)
+    config.dpo.use_weighting = False  # bool; not with aot, aot_unpaired, kto
     # The reference (dpo_jax.reference): "frozen" (its forward in the step), "precomputed" (one
     # pass before DPO, then its params are freed), "cached" (precomputed, kept on disk by a
     # fingerprint of weights, tokenizer, data and settings), "moving" (TR-DPO), "none" (log π_ref

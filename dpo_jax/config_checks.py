@@ -135,6 +135,7 @@ def _check_loss(dpo: ml_collections.ConfigDict) -> None:
             desirable_weight=dpo.kto_desirable_weight,
             undesirable_weight=dpo.kto_undesirable_weight,
             kto_labels=one > 0 if "kto" in names else None,
+            wpo_log_weights=(one, one) if dpo.use_weighting else None,
         )
     except (ValueError, TypeError) as error:
         raise ValueError(f"config.dpo (loss_type={dpo.loss_type!r}): {error}") from None

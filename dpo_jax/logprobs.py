@@ -22,11 +22,15 @@ class LogProbs(NamedTuple):
       token_logps: [B, 2, T] float32, log π(tokens[t] | tokens[<t] of its segment) at token
         position t where token t is scored, else 0.
       lengths: [B, 2, S] int32, the number of scored tokens in each slot.
+      token_log_sum_sq: [B, 2, T] float32, log Σ_v p(v)² of the distribution that scored token t,
+        at the positions of token_logps (0 elsewhere), without gradient; None unless
+        `logprob_fn(..., with_log_sum_sq=True)` (WPO's weights).
     """
 
     logps: jax.Array
     token_logps: jax.Array
     lengths: jax.Array
+    token_log_sum_sq: jax.Array | None = None
 
 
 def next_token_targets(
@@ -276,6 +280,45 @@ def _local_chunked_token_logps(
     return logps[:, :length]  # [N, T]
 
 
+def token_log_sum_sq_probs(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    final_logit_softcapping: float | None = None,
+) -> jax.Array:
+    """log Σ_v p(v)² = logsumexp(2z) − 2·logsumexp(z) of each position's logits z, no gradient.
+
+    WPO's alignment term (arXiv:2406.11827). With `chunk_size`, each row's positions are taken
+    `chunk_size` at a time (the batch axis stays leading), so at most [N, chunk_size, V] logits
+    exist at once; without it the [N, T, V] logits are formed once. It is an extra forward pass
+    of the unembedding, with nothing kept for the backward.
+
+    Args:
+      hidden: [N, T, D] final hidden states.
+      unembedding: [D, V].
+      chunk_size: positions per chunk, or None.
+      final_logit_softcapping: the model's logit soft-cap, or None.
+
+    Returns:
+      [N, T] float32.
+    """
+    hidden, unembedding = jax.lax.stop_gradient((hidden, unembedding))
+
+    def positions(h):  # [N, C, D] -> [N, C]
+        logits = _logits(h, unembedding, final_logit_softcapping)
+        return jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * jax.nn.logsumexp(logits, axis=-1)
+
+    if chunk_size is None:
+        return positions(hidden)
+    rows, length, width = hidden.shape
+    num_chunks = -(-length // chunk_size)
+    padded = jnp.pad(hidden, ((0, 0), (0, num_chunks * chunk_size - length), (0, 0)))
+    chunks = jnp.moveaxis(padded.reshape(rows, num_chunks, chunk_size, width), 1, 0)  # [K, N, C, D]
+    values = jax.lax.map(positions, chunks)  # [K, N, C]
+    return jnp.moveaxis(values, 0, 1).reshape(rows, -1)[:, :length]  # [N, T]
+
+
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
     """Sums of `values` over each packed segment k = 1..num_segments of each row.
 
@@ -337,6 +380,7 @@ def logprob_fn(
     logits_chunk_size: int | None = None,
     final_logit_softcapping: float | None = None,
     mesh: Mesh | AbstractMesh | None = None,
+    with_log_sum_sq: bool = False,
 ) -> LogProbs:
     """Log-probs of the chosen and rejected responses, from one concatenated forward pass.
 
@@ -355,9 +399,11 @@ def logprob_fn(
         must be the model config's `final_logit_softcapping`: apply_fn returns hidden states, not
         logits, so a soft-capped model scored without it gives wrong log-probs, silently.
       mesh: passed to `chunked_token_logps` (None: the mesh in context, if any).
+      with_log_sum_sq: also return `token_log_sum_sq` (`token_log_sum_sq_probs`, WPO).
 
     Returns:
-      LogProbs(logps [B, 2, S] float32, token_logps [B, 2, T] float32, lengths [B, 2, S] int32).
+      LogProbs(logps [B, 2, S] float32, token_logps [B, 2, T] float32, lengths [B, 2, S] int32,
+      token_log_sum_sq [B, 2, T] float32 or None).
 
     Raises:
       ValueError: on a missing key or a shape that does not match.
@@ -390,8 +436,16 @@ def logprob_fn(
     scored = jnp.pad(target_mask[:, :-1], ((0, 0), (1, 0))).astype(jnp.int32)  # [2B, T]
     logps = segment_sums(token_logps, segment_ids, num_segments)  # [2B, S]
     lengths = segment_sums(scored, segment_ids, num_segments)  # [2B, S]
+    log_sum_sq = None
+    if with_log_sum_sq:
+        per_position = token_log_sum_sq_probs(
+            hidden, unembedding, chunk_size=chunk_size, final_logit_softcapping=softcap
+        )  # [2B, T], at the predicting position
+        per_position = jnp.where(target_mask, per_position, 0.0)
+        log_sum_sq = jnp.pad(per_position[:, :-1], ((0, 0), (1, 0))).reshape(batch_size, 2, length)
     return LogProbs(
         logps=logps.reshape(batch_size, 2, num_segments),  # [B, 2, S]
         token_logps=token_logps.reshape(batch_size, 2, length),  # [B, 2, T]
         lengths=lengths.reshape(batch_size, 2, num_segments),  # [B, 2, S]
+        token_log_sum_sq=log_sum_sq,  # [B, 2, T] or None
     )

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import reference as reference_lib
 from dpo_jax.logprobs import LogProbs, logprob_fn, next_token_targets
-from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn, ld_sequence_logps
+from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn, ld_sequence_logps, wpo_log_weights
 from dpo_jax.sharding import BATCH_AXES
 
 # Batch keys that have the batch axis first and travel to the model (ref_logps is optional).
@@ -77,6 +77,8 @@ class LossOptions:
         (see it for their values); kto reads `batch["kto_labels"]` [B, S] too.
       ld_alpha: LD-DPO's α in [0, 1] (`losses.ld_sequence_logps`, for the policy and the
         reference alike), or None for plain sums.
+      use_weighting: WPO (arXiv:2406.11827): each pair's loss times exp(w_w + w_l), w the mean
+        over a response's tokens of log p − log Σ_v p(v)² under the policy, without gradient.
     """
 
     loss_type: tuple[str, ...] = ("sigmoid",)
@@ -95,6 +97,7 @@ class LossOptions:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     ld_alpha: float | None = None
+    use_weighting: bool = False
 
     @property
     def uses_bco(self) -> bool:
@@ -120,20 +123,36 @@ def _flat(values: jax.Array, side: int) -> jax.Array:
     return values[:, side, :].reshape(-1)
 
 
-def sequence_logps(logprobs: LogProbs, batch: dict[str, jax.Array], ld_alpha) -> jax.Array:
-    """[B, 2, S] sequence log-probs: the plain sums, or LD-DPO's when ld_alpha is set."""
-    if ld_alpha is None:
-        return logprobs.logps
+def _scored(batch: dict[str, jax.Array]) -> jax.Array:
+    """[B, 2, T] bool: the scored response tokens, at their own positions."""
     batch_size, _, length = batch["tokens"].shape
     rows = [batch[k].reshape(2 * batch_size, length) for k in ("tokens", "response_mask")]
     segment_ids = batch["segment_ids"].reshape(2 * batch_size, length)  # [2B, T]
     _, target_mask = next_token_targets(*rows, segment_ids)
-    # The prediction at t - 1 scores token t: the scored tokens, at their own positions.
-    scored = jnp.pad(target_mask[:, :-1], ((0, 0), (1, 0))).reshape(batch_size, 2, length)
+    # The prediction at t - 1 scores token t.
+    return jnp.pad(target_mask[:, :-1], ((0, 0), (1, 0))).reshape(batch_size, 2, length)
+
+
+def sequence_logps(logprobs: LogProbs, batch: dict[str, jax.Array], ld_alpha) -> jax.Array:
+    """[B, 2, S] sequence log-probs: the plain sums, or LD-DPO's when ld_alpha is set."""
+    if ld_alpha is None:
+        return logprobs.logps
     num_segments = logprobs.logps.shape[-1]
     return ld_sequence_logps(
-        logprobs.token_logps, scored, batch["segment_ids"], num_segments, ld_alpha
+        logprobs.token_logps, _scored(batch), batch["segment_ids"], num_segments, ld_alpha
     )
+
+
+def _wpo_weights(policy: LogProbs, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """WPO's per-pair log weights of the chosen and the rejected side, each [B·S]."""
+    weights = wpo_log_weights(
+        policy.token_logps,
+        policy.token_log_sum_sq,
+        _scored(batch),
+        batch["segment_ids"],
+        policy.logps.shape[-1],
+    )  # [B, 2, S]
+    return _flat(weights, 0), _flat(weights, 1)
 
 
 def _forward_logps(apply_fn: Callable, options: LossOptions, batch: dict[str, jax.Array]):
@@ -181,6 +200,7 @@ def loss_and_metrics(
         batch,
         logits_chunk_size=options.logits_chunk_size,
         final_logit_softcapping=options.final_logit_softcapping,
+        with_log_sum_sq=options.use_weighting,
     )
     policy_logps = sequence_logps(policy, batch, options.ld_alpha)  # [B, 2, S]
     forward = _forward_logps(apply_fn, options, batch)
@@ -217,6 +237,7 @@ def loss_and_metrics(
         bco_reward_shift=options.bco_reward_shift,
         ipo_form=options.ipo_form,
         simpo_gamma=options.simpo_gamma,
+        wpo_log_weights=_wpo_weights(policy, batch) if options.use_weighting else None,
         **lengths,
         **bco,
     )

@@ -358,6 +358,7 @@ def loss_options(
         desirable_weight=config.dpo.kto_desirable_weight,
         undesirable_weight=config.dpo.kto_undesirable_weight,
         ld_alpha=ld_alpha if loss_type != ("sft",) else None,
+        use_weighting=config.dpo.use_weighting and loss_type != ("sft",),
     )
 
 

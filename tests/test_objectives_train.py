@@ -81,3 +81,13 @@ def test_bad_loss_and_data_settings_are_refused_before_anything_is_built(changes
     with pytest.raises(ValueError) as error:
         train.check_config(tiny_config(**changes))
     assert message in str(error.value) and "config." in str(error.value)
+
+
+def test_wpo_weighting_reaches_the_step_and_refuses_aot(tmp_path):
+    config = tiny_config(dpo__use_weighting=True)
+    ctx, stage, params = build(config, tmp_path)
+    assert stage.options.use_weighting
+    _, history = run_steps(stage, ctx, params, num_steps=1)
+    assert np.isfinite(history[0]["loss"])
+    with pytest.raises(ValueError, match="wpo_log_weights with loss_type=\\['aot'\\]"):
+        train.check_config(tiny_config(dpo__use_weighting=True, dpo__loss_type="aot"))

@@ -194,3 +194,43 @@ def test_ld_dpo_loss_and_gradients_match_trl(setup):
     for name, expected in trl_grads.items():
         error = np.max(np.abs(ours[name] - expected)) / np.max(np.abs(expected))
         assert error < 1e-4, f"{name}: relative gradient error {error:.2e}"
+
+
+@pytest.mark.parametrize("logits_chunk_size", [None, 3])
+def test_wpo_weighting_loss_and_gradients_match_trl(setup, logits_chunk_size):
+    # WPO (use_weighting): TRL's fused head returns log Σ_v p(v)² per position; ours comes from
+    # logprob_fn(with_log_sum_sq=True), full or chunked.
+    trainer, inputs, root = setup
+    reference_model = transformers.LlamaForCausalLM.from_pretrained(str(root / "ref"))
+    ref_chosen, ref_rejected = np.split(_torch_logps(reference_model, inputs), 2)
+    trainer.loss_types, trainer.loss_weights, trainer.ld_alpha = ["sigmoid"], [1.0], None
+    trainer.precompute_ref_logps, trainer.use_weighting = True, True
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")  # as DPOTrainer patches it
+    add_fused_lm_head(trainer.model, outputs=(*outputs, "log_sum_sq_probs"))
+    inputs = dict(
+        inputs,
+        ref_chosen_logps=torch.tensor(ref_chosen),
+        ref_rejected_logps=torch.tensor(ref_rejected),
+    )
+    trainer.model.zero_grad()
+    trl_loss = trainer.compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    trainer.use_weighting = False
+    add_fused_lm_head(trainer.model, outputs=outputs)
+    trl_grads = {name: p.grad.numpy() for name, p in trainer.model.named_parameters()}
+
+    config, params = load_hf(str(root / "policy"))
+    _, ref_params = load_hf(str(root / "ref"))
+    options = step_lib.LossOptions(
+        loss_type=("sigmoid",), beta=0.1, use_weighting=True, logits_chunk_size=logits_chunk_size
+    )
+    grad_fn = jax.grad(step_lib.loss_and_metrics, has_aux=True)
+    kwargs = dict(apply_fn=make_apply_fn(config), options=options)
+    grads, metrics = grad_fn(
+        params, FrozenReference(ref_params), _our_batch(inputs), None, **kwargs
+    )
+    np.testing.assert_allclose(float(metrics["loss"]), trl_loss.item(), rtol=1e-5)
+    ours = hf_tensors_from_params(config, grads)
+    for name, expected in trl_grads.items():
+        error = np.max(np.abs(ours[name] - expected)) / np.max(np.abs(expected))
+        assert error < 1e-4, f"{name}: relative gradient error {error:.2e}"
