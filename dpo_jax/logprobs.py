@@ -372,13 +372,28 @@ def _check_batch(batch: dict[str, jax.Array]) -> None:
         raise ValueError(f"logprob_fn: batch['pair_mask'] is {pair_mask}, expected [{shape[0]}, S]")
 
 
+def _model_softcap(apply_fn: Callable, given: float | None | str) -> float | None:
+    """The cap to score with: the one apply_fn carries for "model"; a given one must agree."""
+    carried = getattr(apply_fn, "final_logit_softcapping", None)
+    if isinstance(given, str):
+        if given != "model":
+            raise ValueError(f"final_logit_softcapping={given!r}: a number, None or 'model'")
+        return carried
+    if hasattr(apply_fn, "final_logit_softcapping") and given != carried:
+        raise ValueError(
+            f"final_logit_softcapping={given} but the model's config has {carried}; pass "
+            "'model' (the default) to use the model's"
+        )
+    return given
+
+
 def logprob_fn(
     apply_fn: Callable[..., tuple[jax.Array, jax.Array]],
     params: Any,
     batch: dict[str, jax.Array],
     *,
     logits_chunk_size: int | None = None,
-    final_logit_softcapping: float | None = None,
+    final_logit_softcapping: float | None | str = "model",
     mesh: Mesh | AbstractMesh | None = None,
     with_log_sum_sq: bool = False,
 ) -> LogProbs:
@@ -397,7 +412,9 @@ def logprob_fn(
       logits_chunk_size: None for full [2B, T, V] logits; else rows per chunk of the chunked path.
       final_logit_softcapping: the model's logit soft-cap, cap·tanh(logits / cap), or None. It
         must be the model config's `final_logit_softcapping`: apply_fn returns hidden states, not
-        logits, so a soft-capped model scored without it gives wrong log-probs, silently.
+        logits. "model" (the default) reads it from `apply_fn.final_logit_softcapping`, which
+        `models.make_apply_fn` sets (None for an apply_fn without it); a value that differs from
+        the one apply_fn carries is an error.
       mesh: passed to `chunked_token_logps` (None: the mesh in context, if any).
       with_log_sum_sq: also return `token_log_sum_sq` (`token_log_sum_sq_probs`, WPO).
 
@@ -409,6 +426,7 @@ def logprob_fn(
       ValueError: on a missing key or a shape that does not match.
     """
     _check_batch(batch)
+    final_logit_softcapping = _model_softcap(apply_fn, final_logit_softcapping)
     batch_size, _, length = batch["tokens"].shape
     num_segments = batch["pair_mask"].shape[1] if "pair_mask" in batch else 1
     tokens, response_mask, positions, segment_ids = (

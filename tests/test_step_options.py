@@ -61,10 +61,12 @@ def test_final_logit_softcapping_reaches_the_log_probs():
     expected = log_softmax[rows, np.arange(2, 5)[None], tokens[:, 3:6]].sum(-1).reshape(2, 2)
     np.testing.assert_allclose(metrics["logps/chosen"], expected[:, 0].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["logps/rejected"], expected[:, 1].mean(), rtol=1e-5)
-    # Without the cap the same params give other log-probs: the option is not a no-op here.
+    # Without the cap the same params give other log-probs: the option is not a no-op here. (An
+    # apply_fn from make_apply_fn carries its cap and refuses another; a bare wrapper does not.)
     uncapped = dataclasses.replace(options, final_logit_softcapping=None)
+    bare_apply = lambda *args: make_apply_fn(config)(*args)  # noqa: E731
     _, plain = step_lib.loss_and_metrics(
-        params, NoReference(), batch, None, apply_fn=make_apply_fn(config), options=uncapped
+        params, NoReference(), batch, None, apply_fn=bare_apply, options=uncapped
     )
     assert abs(float(plain["logps/chosen"]) - float(metrics["logps/chosen"])) > 1.0
 

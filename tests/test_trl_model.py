@@ -5,6 +5,8 @@ safetensors and dpo_jax loads them with `load_hf`. TRL's trainer collates the re
 its loss forward and backward; dpo_jax runs `step.loss_and_metrics` on the same token rows.
 """
 
+import dataclasses
+
 import datasets
 import jax
 import jax.numpy as jnp
@@ -234,3 +236,19 @@ def test_wpo_weighting_loss_and_gradients_match_trl(setup, logits_chunk_size):
     for name, expected in trl_grads.items():
         error = np.max(np.abs(ours[name] - expected)) / np.max(np.abs(expected))
         assert error < 1e-4, f"{name}: relative gradient error {error:.2e}"
+
+
+def test_logprob_fn_reads_the_models_soft_cap(setup):
+    # make_apply_fn carries the config's cap; logprob_fn uses it unless told otherwise, and
+    # refuses a cap the model does not have.
+    _, inputs, root = setup
+    config, params = load_hf(str(root / "policy"))
+    capped = dataclasses.replace(config, final_logit_softcapping=0.5)
+    batch = _our_batch(inputs)
+    implicit = logprob_fn(make_apply_fn(capped), params, batch).logps
+    explicit = logprob_fn(
+        lambda *a: make_apply_fn(capped)(*a), params, batch, final_logit_softcapping=0.5
+    ).logps
+    np.testing.assert_array_equal(implicit, explicit)
+    with pytest.raises(ValueError, match="final_logit_softcapping=None but the model's config has"):
+        logprob_fn(make_apply_fn(capped), params, batch, final_logit_softcapping=None)

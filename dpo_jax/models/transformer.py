@@ -207,6 +207,9 @@ def make_apply_fn(config: ModelConfig) -> ApplyFn:
         unembedding: [D, V] in `config.dtype` (the transposed embedding when tied). Logits are
             hidden @ unembedding, then `final_logit_softcapping` if the config sets it (see
             `logits_from_hidden`).
+
+    The function carries the config's cap as `apply_fn.final_logit_softcapping`, which
+    `logprob_fn` reads, so a soft-capped model is scored with its cap without passing it.
     """
     graphdef = _graphdef(config)
 
@@ -214,6 +217,7 @@ def make_apply_fn(config: ModelConfig) -> ApplyFn:
         model = nnx.merge(graphdef, params)
         return model(tokens, positions, segment_ids)
 
+    apply_fn.final_logit_softcapping = config.final_logit_softcapping
     return apply_fn
 
 
