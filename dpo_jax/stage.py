@@ -219,12 +219,13 @@ def evaluate(stage: Stage, params: Any, reference_params: Any, ctx: Context) -> 
         return {}
     if stage.eval_step is None:
         stage.eval_step = compile_eval(stage, ctx, batches[0])
-    results = [
-        stage.eval_step(
-            params, stage.reference, reference_params, sharding.put_batch(batch, ctx.mesh)
-        )
-        for batch in batches
-    ]
+    with jax.set_mesh(ctx.mesh):  # as in training (see run_stage)
+        results = [
+            stage.eval_step(
+                params, stage.reference, reference_params, sharding.put_batch(batch, ctx.mesh)
+            )
+            for batch in batches
+        ]
     results = jax.device_get(results)
     weights = np.array([r["num_pairs"] for r in results], np.float64)
     total = max(weights.sum(), 1.0)
@@ -284,7 +285,9 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
     )
     loop = _Loop(stage, ctx, manager, writer, bar, guard)
     try:
-        with preemption.catch_stop_signals() as stop:
+        # The mesh in context lets the chunked log-prob head and splash attention run per shard
+        # (shard_map over the batch axes) instead of leaving their partitioning to XLA.
+        with preemption.catch_stop_signals() as stop, jax.set_mesh(ctx.mesh):
             state, history = loop.run(state, rng, start, stop)
     finally:
         bar.close()

@@ -11,6 +11,7 @@ import pytest
 from dpo_jax import reference as reference_lib
 from dpo_jax import stage as stage_lib
 from dpo_jax import train
+from dpo_jax.logprobs import logprob_fn
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
@@ -171,7 +172,7 @@ def test_eval_fn_with_the_policy_as_its_own_reference(tmp_path):
     # Policy == reference: every reward is 0 and the loss is log 2.
     np.testing.assert_allclose(metrics["loss"], np.log(2), rtol=1e-6)
     np.testing.assert_allclose(metrics["rewards/margins"], 0.0, atol=1e-6)
-    logps = jax.device_get(train.step_lib.logprob_fn(ctx.apply_fn, params, placed)).logps
+    logps = jax.device_get(logprob_fn(ctx.apply_fn, params, placed)).logps
     mask = batch["pair_mask"]
     np.testing.assert_allclose(metrics["logps/chosen"], logps[:, 0][mask].mean(), rtol=1e-6)
     expected_accuracy = np.mean(logps[:, 0][mask] > logps[:, 1][mask])
@@ -189,7 +190,7 @@ def test_sft_loss_is_the_nll_per_chosen_token(tmp_path):
     placed = train.sharding.put_batch(batch, ctx.mesh)
     evaluate = stage_lib.compile_eval(stage, ctx, batch)
     metrics = jax.device_get(evaluate(params, stage.reference, None, placed))
-    logps = jax.device_get(train.step_lib.logprob_fn(ctx.apply_fn, params, placed))
+    logps = jax.device_get(logprob_fn(ctx.apply_fn, params, placed))
     mask = batch["pair_mask"]
     expected = -logps.logps[:, 0][mask].sum() / logps.lengths[:, 0][mask].sum()
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-6)

@@ -21,10 +21,10 @@ Modules: `core` (the registry, Pairs, f-divergence scores), `pairwise` (TRL's DP
 (LD-DPO and WPO sums from per-token log-probs).
 """
 
-from dpo_jax.losses import pairwise, reference_free  # noqa: F401  (they fill LOSS_VARIANTS)
-from dpo_jax.losses.api import dpo_loss_fn
-from dpo_jax.losses.core import F_DIVERGENCE_TYPES, LOSS_ALIASES, LOSS_VARIANTS, Variant
-from dpo_jax.losses.token_level import check_ld_alpha, ld_sequence_logps, wpo_log_weights
+from . import pairwise, reference_free  # noqa: F401  (they fill LOSS_VARIANTS)
+from .api import dpo_loss_fn
+from .core import F_DIVERGENCE_TYPES, LOSS_ALIASES, LOSS_VARIANTS, Variant
+from .token_level import check_ld_alpha, ld_sequence_logps, wpo_log_weights
 
 __all__ = [
     "F_DIVERGENCE_TYPES",

@@ -5,8 +5,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses import checks
-from dpo_jax.losses.core import LOSS_VARIANTS, Hyper, Pairs, f_divergence_scores, masked_mean
+from . import checks
+from .core import LOSS_VARIANTS, Hyper, Pairs, f_divergence_scores, masked_mean
 
 
 def _build_pairs(inputs: dict, reference_free: bool, f_divergence_type: str, alpha) -> Pairs:

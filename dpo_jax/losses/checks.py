@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-from dpo_jax.losses.core import F_DIVERGENCE_TYPES, INTERVALS, LOSS_ALIASES, LOSS_VARIANTS
+from .core import F_DIVERGENCE_TYPES, INTERVALS, LOSS_ALIASES, LOSS_VARIANTS
 
 IPO_FORMS = ("per_token", "summed")
 SFT_FORMS = ("per_token", "per_sequence")

@@ -8,7 +8,7 @@ label_smoothing; |y| a response's token count.
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses.core import Hyper, Pairs, register, smoothed_sigmoid
+from .core import Hyper, Pairs, register, smoothed_sigmoid
 
 
 def _sorted_margin(first: jax.Array, second: jax.Array, mask: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ a_l = log π(y_l)/|y_l| are the per-token average log-probs, ε is label_smoothi
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses.core import Hyper, Pairs, log1mexp, masked_mean, register, smoothed_sigmoid
+from .core import Hyper, Pairs, log1mexp, masked_mean, register, smoothed_sigmoid
 
 
 @register("sft", reads_reference=False)
