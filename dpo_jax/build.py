@@ -68,7 +68,7 @@ def _train_batches(config, tokenizer, source, counts: dict, stage: str):
         **_kto_options(config, stage, config.data.batch_size),
     )
     counts[f"{stage}/train"] = stats.as_dict()
-    print(f"[{stage}] train data: {stats}")
+    _say(f"[{stage}] train data: {stats}")
     if stats.rows < config.data.batch_size:
         raise ValueError(
             f"{name}: {stats.rows} rows of kept pairs, fewer than one batch "
@@ -89,7 +89,7 @@ def _eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
         **_kto_options(config, stage, config.data.eval_batch_size),
     )
     counts[f"{stage}/eval"] = stats.as_dict()
-    print(f"[{stage}] eval data: {stats}")
+    _say(f"[{stage}] eval data: {stats}")
     return list(batches)
 
 
@@ -209,7 +209,7 @@ def make_dpo_stage(
             )
         train_batches = ref_logps.WithRefLogps(train_batches, table)
         eval_batches = [table.attach(batch) for batch in eval_batches]
-    print(f"[dpo] reference: {reference_lib.kind_name(reference)}")
+    _say(f"[dpo] reference: {reference_lib.kind_name(reference)}")
     return Stage(
         name="dpo",
         num_steps=config.dpo.num_steps,
@@ -239,12 +239,12 @@ def _cached_reference_logps(config, tokenizer, ctx: Context, sources, options, r
     start = time.perf_counter()
     table = ref_cache.load(path)
     if table is not None:
-        print(
+        _say(
             f"[dpo] reference log-probs of {len(table)} pairs read from the cache {path} in "
             f"{time.perf_counter() - start:.2f} s (same fingerprint: no reference forward)"
         )
         return table, path
-    print(
+    _say(
         f"[dpo] no reference log-prob cache for this fingerprint in {cache_dir} "
         f"({ref_cache.what_changed(cache_dir, components)}): computing it"
     )
@@ -285,5 +285,11 @@ def _precompute_reference_logps(
                 batches,
                 lambda batch: compute(ref_params, sharding.put_batch(batch, ctx.mesh)),
             )
-    print(f"[dpo] reference log-probs of {len(table)} pairs in {time.perf_counter() - start:.1f} s")
+    _say(f"[dpo] reference log-probs of {len(table)} pairs in {time.perf_counter() - start:.1f} s")
     return table
+
+
+def _say(message: str) -> None:
+    """Prints a run's progress line once, from process 0 (every process builds the same stages)."""
+    if jax.process_index() == 0:
+        print(message)

@@ -108,7 +108,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "data": data_counts,
         "generation": generation,
     }
-    print(format_summary(summary))
+    if jax.process_index() == 0:
+        print(format_summary(summary))
     return summary
 
 
