@@ -17,9 +17,6 @@ def _tiny_config():
     spec.loader.exec_module(module)
     config = module.get_config("tiny")
     config.mesh.num_devices = 1
-    # The toy's 4-step reference keeps only a handful of equal-length pairs (7 of 64 prompts):
-    # batches of 4, so that a batch never repeats records (the pipeline refuses that).
-    config.data.batch_size = 4
     return config
 
 
@@ -33,7 +30,11 @@ def test_frontier_writes_every_method_with_consistent_numbers(tmp_path):
         num_train_prompts=64,
         num_eval_prompts=16,
     )
-    rows = frontier.run_frontier(_tiny_config(), str(tmp_path), settings)
+    config = _tiny_config()
+    # The toy's 4-step reference keeps only a handful of equal-length pairs (7 of 64 prompts):
+    # batches of 4, so that a batch never repeats records (the pipeline refuses that).
+    config.data.batch_size = 4
+    rows = frontier.run_frontier(config, str(tmp_path), settings)
     methods = [(row["method"], row["setting"]) for row in rows]
     assert methods == [
         ("SFT reference", ""),
