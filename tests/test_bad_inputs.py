@@ -9,12 +9,13 @@ import jax
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+from test_step_options import _tiny_model as tiny_llama  # noqa: E402
 from test_train_step import tiny_config  # noqa: E402
 from tiny_tokenizers import make_word_tokenizer  # noqa: E402
 
 from dpo_jax import build, errors, train  # noqa: E402
 from dpo_jax.data import records  # noqa: E402
-from dpo_jax.models import ModelConfig, init_params, load_hf, save_hf  # noqa: E402
+from dpo_jax.models import init_params, load_hf, save_hf  # noqa: E402
 
 PAIR = {"prompt": "a", "chosen": "b", "rejected": "c"}
 CONVERSATION = {
@@ -69,19 +70,7 @@ def test_an_unknown_chat_role_is_named_not_reported_as_a_prefix_mismatch():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    config = ModelConfig.from_hf_config(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": 32,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 8,
-        }
-    )
+    config = tiny_llama()  # the 1-layer Llama of the step-option tests
     directory = tmp_path_factory.mktemp("hf")
     save_hf(str(directory), config, jax.device_get(init_params(config, jax.random.key(0))))
     return directory
