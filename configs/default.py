@@ -82,10 +82,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_length = 18  # T, tokens per row (prompt + response); longer rows are cut
     config.data.max_prompt_length = 10  # most prompt tokens (bos included); 0 = no limit
     config.data.truncation_mode = "keep_end"  # long prompts keep their "keep_end" / "keep_start"
-    config.data.prompt_too_long = "truncate"  # a prompt over the limit: "truncate" or "drop"
+    # A pair over the limits: "truncate", "drop" (a prompt over max_prompt_length), or "error"
+    # (any cut, prompt or response, stops the run naming the record and the lengths).
+    config.data.prompt_too_long = "truncate"  # "truncate", "drop" or "error"
     # Where a response starts: "separate" (prompt and responses tokenised apart, joined as ids)
     # or "joint" (TRL's: prompt + response as one text, split at the common prefix); README.
     config.data.boundary = "separate"  # "separate" or "joint"
+    # A row whose tokens at the prompt/response boundary differ from its whole text's (extra bos,
+    # doubled eos, a chat template whose prompt is not a prefix of the conversation; README):
+    config.data.on_boundary_problem = "error"  # "error" (name the record) or "skip" (counted)
     config.data.batch_size = 32  # B, rows per optimizer step (global, all hosts); % (data·fsdp)
     config.data.eval_batch_size = 64  # rows per eval batch; % (data·fsdp)
     config.data.pairs_per_row = 1  # S, pairs packed into one row (1 = no packing)

@@ -35,6 +35,7 @@ def _data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         truncation_mode=config.data.truncation_mode,
         prompt_too_long=config.data.prompt_too_long,
         boundary=config.data.boundary,
+        on_boundary_problem=config.data.on_boundary_problem,
         pairs_per_row=config.data.pairs_per_row,
     )
 

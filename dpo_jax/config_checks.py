@@ -204,6 +204,7 @@ def _check_data(data: ml_collections.ConfigDict, grad_accum_steps: int) -> None:
             data.truncation_mode,
             data.prompt_too_long,
             data.boundary,
+            data.on_boundary_problem,
         )
         for batch_size in (data.batch_size, data.eval_batch_size):
             check_batching(batch_size, data.pairs_per_row, None, 0, 1)

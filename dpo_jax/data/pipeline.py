@@ -84,6 +84,7 @@ def tokenize_source(
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
     boundary: str = "separate",
+    on_boundary_problem: str = "error",
     kl_group_size: int | None = None,
 ) -> tuple[list[TokenizedPair], DataStats]:
     """Reads, normalises and tokenises every record of `source` (see `records.load_records`).
@@ -102,6 +103,7 @@ def tokenize_source(
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
         boundary=boundary,
+        on_boundary_problem=on_boundary_problem,
     )
     if kl_group_size is not None:
         raw = unpair_records(load_records(source))
@@ -196,6 +198,7 @@ def make_pair_iterator(
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
     boundary: str = "separate",
+    on_boundary_problem: str = "error",
     kl_group_size: int | None = None,
     pairs_per_row: int = 1,
     seed: int = 0,
@@ -215,11 +218,14 @@ def make_pair_iterator(
       max_length: T, tokens per row.
       max_prompt_length: most prompt tokens (bos included), or None.
       truncation_mode: "keep_end" (TRL's default: keep the prompt's last tokens) or "keep_start".
-      prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length.
+      prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length, or "error" on any
+        cut (see `tokenize.PROMPT_TOO_LONG_POLICIES`).
       response_marker: an implicit prompt ends right after the last such marker the two
         responses share (HH-RLHF's "\\n\\nAssistant:"; "" for none), else before their last
         shared whitespace (see `records.split_common_prefix`).
       boundary: "separate" or "joint" (TRL's), see `tokenize.tokenize_pair`.
+      on_boundary_problem: "error" or "skip" (counted) a pair whose prompt/response boundary
+        fails `dpo_jax.data.boundary`'s checks.
       kl_group_size: None for preference pairs; for KTO, the run of records whose completions
         rotate into the mismatched slot (the batch size; see `tokenize_source`).
       pairs_per_row: S; 1 pads each pair to its own row, > 1 packs up to S pairs in a row.
@@ -252,6 +258,7 @@ def make_pair_iterator(
         prompt_too_long=prompt_too_long,
         response_marker=response_marker,
         boundary=boundary,
+        on_boundary_problem=on_boundary_problem,
         kl_group_size=kl_group_size,
     )
     return iter(batches.to_iter_dataset(READ_OPTIONS)), stats
@@ -268,6 +275,7 @@ def make_eval_batches(
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
     boundary: str = "separate",
+    on_boundary_problem: str = "error",
     kl_group_size: int | None = None,
     pairs_per_row: int = 1,
     process_index: int | None = None,
@@ -299,6 +307,7 @@ def make_eval_batches(
         prompt_too_long=prompt_too_long,
         response_marker=response_marker,
         boundary=boundary,
+        on_boundary_problem=on_boundary_problem,
         kl_group_size=kl_group_size,
     )
     return _EvalBatches(batches), stats

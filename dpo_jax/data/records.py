@@ -10,6 +10,8 @@ from typing import Any
 
 import jinja2
 
+from dpo_jax.data.boundary import BoundaryError
+
 # HH-RLHF's turn marker: an implicit prompt is cut right after its last occurrence.
 DEFAULT_RESPONSE_MARKER = "\n\nAssistant:"
 
@@ -342,7 +344,8 @@ def _render_conversation(fields: dict, where: str, tokenizer: Any) -> Preference
         ]
     except (ValueError, jinja2.TemplateError) as e:
         message = str(e)
-        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+        error = BoundaryError if isinstance(e, BoundaryError) else ValueError
+        raise error(message if message.startswith(where) else f"{where}: {message}") from None
     return PreferenceText(prompt_text, responses[0], responses[1], where, conversational=True)
 
 
@@ -353,7 +356,7 @@ def _rendered_response(tokenizer, prompt, messages, prompt_text: str, name: str,
         return ""
     full_text = tokenizer.apply_chat_template(prompt + messages, add_generation_prompt=False)
     if not full_text.startswith(prompt_text):
-        raise ValueError(
+        raise BoundaryError(
             f"{where}: the rendered prompt is not a prefix of the rendered prompt + {name} "
             f"(the chat template renders a turn differently once it is followed by a "
             f"response): {prompt_text[-60:]!r} vs {full_text[: len(prompt_text)][-60:]!r}"

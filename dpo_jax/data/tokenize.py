@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from dpo_jax.data.boundary import BOUNDARY_POLICIES, BoundaryError, find_problem, show
 from dpo_jax.data.records import (
     DEFAULT_RESPONSE_MARKER,
     PreferenceText,
@@ -22,7 +23,12 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 # apart and joins the ids; "joint" (TRL 1.16) tokenises prompt + response as one text and splits
 # at the common prefix with the prompt's tokens.
 BOUNDARY_MODES = ("separate", "joint")
-PROMPT_TOO_LONG_POLICIES = ("truncate", "drop")
+# What happens to a pair over the limits: "truncate" cuts it (a prompt over max_prompt_length,
+# then each response to the row's budget), "drop" drops a prompt over max_prompt_length (and
+# still cuts responses), "error" refuses any cut at all: a prompt over max_prompt_length, a
+# response over the row's budget or a prompt that fills the row raise naming the record and the
+# lengths, so no pair is ever silently shortened.
+PROMPT_TOO_LONG_POLICIES = ("truncate", "drop", "error")
 # Why a record was dropped; every key is always reported, zeros included.
 DROP_REASONS = (
     "chosen_equals_rejected",  # identical texts: no preference to learn
@@ -31,6 +37,7 @@ DROP_REASONS = (
     "prompt_too_long",  # prompt over max_prompt_length with prompt_too_long="drop"
     "no_response_tokens",  # the prompt fills max_length: no response token is left
     "chosen_equals_rejected_after_truncation",  # truncation made the two token lists identical
+    "boundary_problem",  # on_boundary_problem="skip": see dpo_jax.data.boundary
 )
 # What was cut in a kept record ("records" counts records with any cut).
 TRUNCATED_PARTS = ("records", "prompt", "chosen", "rejected")
@@ -107,6 +114,7 @@ def check_limits(
     truncation_mode: str,
     prompt_too_long: str,
     boundary: str = "separate",
+    on_boundary_problem: str = "error",
 ) -> None:
     """Raises ValueError naming the value and the expectation when a limit is invalid."""
     if not isinstance(max_length, int) or max_length < 2:
@@ -124,6 +132,10 @@ def check_limits(
         )
     if boundary not in BOUNDARY_MODES:
         raise ValueError(f"boundary={boundary!r} must be one of {BOUNDARY_MODES}")
+    if on_boundary_problem not in BOUNDARY_POLICIES:
+        raise ValueError(
+            f"on_boundary_problem={on_boundary_problem!r} must be one of {BOUNDARY_POLICIES}"
+        )
 
 
 def tokenize_pair(
@@ -136,6 +148,7 @@ def tokenize_pair(
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
     boundary: str = "separate",
+    on_boundary_problem: str = "error",
 ) -> TokenizedPair | None:
     """Tokenises and truncates one pair, counting it in `stats`; None when it is dropped.
 
@@ -151,13 +164,16 @@ def tokenize_pair(
     bos is prepended when `tokenizer.add_bos` (unless the text already starts with it). eos is
     appended to each response of a non-conversational record (unless it already ends with it);
     a conversational record's responses end with the chat template's own end-of-turn, and get
-    none, as in TRL.
+    none, as in TRL. Each row is then checked against its whole text tokenised in one piece
+    (`dpo_jax.data.boundary`): a problem raises `BoundaryError` naming the record and the tokens
+    (`on_boundary_problem="error"`) or drops the pair, counted (`"skip"`).
 
     Truncation, in order:
       1. a prompt over `max_prompt_length` tokens is dropped (`prompt_too_long="drop"`) or cut to
          that length: "keep_end" keeps its last tokens (after the bos, which stays; the
          `max_prompt_length` behaviour of TRL before 1.0), "keep_start" its first;
       2. each response is cut at its end to `max_length - len(prompt)` tokens (its eos may go).
+    With `prompt_too_long="error"` either cut raises ValueError naming the record and lengths.
     Without `max_prompt_length`, step 2 alone is TRL 1.16's default truncation ("keep_start": the
     row's first max_length tokens, a prompt that fills them dropped). A pair with no response token
     left, or whose two responses became identical, is dropped.
@@ -165,31 +181,22 @@ def tokenize_pair(
     stats.records += 1
     reason = _text_problem(text)
     if reason is None:
-        prompt_ids, chosen_ids, rejected_ids = _encode_pair(text, tokenizer, boundary)
-        if not prompt_ids:
-            reason = "empty_prompt"
-        elif not text.chosen or not text.rejected or not chosen_ids or not rejected_ids:
-            reason = "empty_response"
+        prompt_ids, responses, wholes = _encode_pair(text, tokenizer, boundary)
+        encoded = (prompt_ids, responses, wholes)
+        reason = _ids_problem(
+            text, (text.chosen, text.rejected), encoded, tokenizer, on_boundary_problem
+        )
     if reason is not None:
         stats.dropped[reason] += 1
         return None
-    cut = set()
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        if prompt_too_long == "drop":
-            stats.dropped["prompt_too_long"] += 1
-            return None
-        prompt_ids = _cut_prompt(prompt_ids, max_prompt_length, truncation_mode, tokenizer)
-        cut.add("prompt")
-    budget = max_length - len(prompt_ids)
-    if budget <= 0:
-        stats.dropped["no_response_tokens"] += 1
-        return None
-    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
-        if len(ids) > budget:
-            cut.add(name)
-    chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
-    if chosen_ids == rejected_ids:
-        stats.dropped["chosen_equals_rejected_after_truncation"] += 1
+    limits = (max_length, max_prompt_length, truncation_mode, prompt_too_long)
+    reason, cut, prompt_ids, (chosen_ids, rejected_ids) = _truncate(
+        prompt_ids, responses, tokenizer, text.where, limits
+    )
+    if reason is None and chosen_ids == rejected_ids:
+        reason = "chosen_equals_rejected_after_truncation"
+    if reason is not None:
+        stats.dropped[reason] += 1
         return None
     for part in cut:
         stats.truncated[part] += 1
@@ -199,6 +206,74 @@ def tokenize_pair(
     return TokenizedPair(
         as_array(prompt_ids), as_array(chosen_ids), as_array(rejected_ids), text.where
     )
+
+
+def _ids_problem(text, response_texts, encoded, tokenizer, on_boundary_problem):
+    """A drop reason for the encoded pair, or None; raises BoundaryError under "error"."""
+    prompt_ids, responses, wholes = encoded
+    if not prompt_ids:
+        return "empty_prompt"
+    if not all(response.strip() for response in response_texts) or not all(responses):
+        return "empty_response"
+    names = ("chosen", "rejected") if len(responses) == 2 else ("completion",)
+    for name, response_ids, whole_ids in zip(names, responses, wholes, strict=True):
+        reason = _check_boundary(
+            text, name, prompt_ids, response_ids, whole_ids, tokenizer, on_boundary_problem
+        )
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_boundary(text, name, prompt_ids, response_ids, whole_ids, tokenizer, policy):
+    """None, or "boundary_problem" under policy "skip"; raises BoundaryError under "error"."""
+    problem = find_problem(
+        prompt_ids, response_ids, whole_ids, tokenizer, conversational=text.conversational
+    )
+    if problem is None:
+        return None
+    if policy == "skip":
+        return "boundary_problem"
+    raise BoundaryError(
+        f"{text.where}: {name} row, at the prompt/response boundary: {problem}; the prompt ends "
+        f"{show(prompt_ids[-3:], tokenizer)}, the {name} response starts "
+        f"{show(response_ids[:3], tokenizer)} (config.data.on_boundary_problem='skip' drops such "
+        "pairs, counted)"
+    )
+
+
+def _truncate(prompt_ids, responses, tokenizer, where: str, limits):
+    """(drop reason or None, cut parts, prompt_ids, responses) after truncation.
+
+    Raises:
+      ValueError: any cut under prompt_too_long="error" (the record and the lengths named).
+    """
+    max_length, max_prompt_length, truncation_mode, prompt_too_long = limits
+    strict = prompt_too_long == "error"
+    cut = set()
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        if strict:
+            raise ValueError(
+                f"{where}: the prompt has {len(prompt_ids)} tokens > max_prompt_length="
+                f"{max_prompt_length} (prompt_too_long='error' refuses every cut)"
+            )
+        if prompt_too_long == "drop":
+            return "prompt_too_long", cut, prompt_ids, responses
+        prompt_ids = _cut_prompt(prompt_ids, max_prompt_length, truncation_mode, tokenizer)
+        cut.add("prompt")
+    budget = max_length - len(prompt_ids)
+    names = ("chosen", "rejected") if len(responses) == 2 else ("chosen",)
+    for name, ids in zip(names, responses, strict=True):
+        if len(ids) > max(budget, 0) and strict:
+            raise ValueError(
+                f"{where}: the {name} row has {len(prompt_ids)} prompt + {len(ids)} response "
+                f"tokens > max_length={max_length} (prompt_too_long='error' refuses every cut)"
+            )
+        if len(ids) > budget:
+            cut.add(name)
+    if budget <= 0:
+        return "no_response_tokens", cut, prompt_ids, responses
+    return None, cut, prompt_ids, tuple(ids[:budget] for ids in responses)
 
 
 def tokenize_records(
@@ -211,6 +286,7 @@ def tokenize_records(
     prompt_too_long: str = "truncate",
     response_marker: str = DEFAULT_RESPONSE_MARKER,
     boundary: str = "separate",
+    on_boundary_problem: str = "error",
 ) -> tuple[list[TokenizedPair], DataStats]:
     """Normalises and tokenises every record; returns the kept pairs and the counts.
 
@@ -223,19 +299,39 @@ def tokenize_records(
         tokens (bos first; older TRL's max_prompt_length rule), "keep_start" its first. TRL 1.16
         has no max_prompt_length and defaults to "keep_start" on the whole row, which is what
         max_prompt_length=None gives here whatever the mode.
-      prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length.
+      prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length, or "error" on
+        any cut (see PROMPT_TOO_LONG_POLICIES).
       response_marker: for implicit-prompt records, the marker after which the prompt ends
         ("" for none; see `records.split_common_prefix`).
       boundary: "separate" or "joint" (TRL's); see `tokenize_pair`.
+      on_boundary_problem: "error" or "skip" (counted as dropped/boundary_problem) a pair whose
+        rows fail `boundary.find_problem`, or whose chat template renders the prompt alone
+        differently from the whole conversation.
 
     Raises:
       ValueError, TypeError: a malformed record or an invalid limit (see `normalize_record`).
     """
-    check_limits(max_length, max_prompt_length, truncation_mode, prompt_too_long, boundary)
+    check_limits(
+        max_length,
+        max_prompt_length,
+        truncation_mode,
+        prompt_too_long,
+        boundary,
+        on_boundary_problem,
+    )
     stats = DataStats()
     pairs = []
     for raw in raw_records:
-        text = normalize_record(raw, tokenizer, response_marker=response_marker)
+        text = _normalized(
+            normalize_record,
+            raw,
+            tokenizer,
+            stats,
+            on_boundary_problem,
+            response_marker=response_marker,
+        )
+        if text is None:
+            continue
         pair = tokenize_pair(
             text,
             tokenizer,
@@ -245,10 +341,23 @@ def tokenize_records(
             truncation_mode=truncation_mode,
             prompt_too_long=prompt_too_long,
             boundary=boundary,
+            on_boundary_problem=on_boundary_problem,
         )
         if pair is not None:
             pairs.append(pair)
     return pairs, stats
+
+
+def _normalized(normalize, raw, tokenizer, stats: DataStats, on_boundary_problem: str, **options):
+    """normalize(raw, tokenizer), or None (counted) for a template's boundary problem under skip."""
+    try:
+        return normalize(raw, tokenizer, **options)
+    except BoundaryError:
+        if on_boundary_problem == "error":
+            raise
+    stats.records += 1
+    stats.dropped["boundary_problem"] += 1
+    return None
 
 
 def tokenize_unpaired_records(
@@ -261,6 +370,7 @@ def tokenize_unpaired_records(
     truncation_mode: str = "keep_end",
     prompt_too_long: str = "truncate",
     boundary: str = "separate",
+    on_boundary_problem: str = "error",
 ) -> tuple[list[TokenizedPair], DataStats]:
     """KTO records (prompt, completion, boolean label) as pairs: the completion in the chosen
     slot, a mismatched completion in the rejected slot, `label` set.
@@ -275,7 +385,14 @@ def tokenize_unpaired_records(
       ValueError, TypeError: a malformed record (`records.normalize_unpaired_record`: a missing
         or non-boolean label names the record), an invalid limit, or kl_group_size < 2.
     """
-    check_limits(max_length, max_prompt_length, truncation_mode, prompt_too_long, boundary)
+    check_limits(
+        max_length,
+        max_prompt_length,
+        truncation_mode,
+        prompt_too_long,
+        boundary,
+        on_boundary_problem,
+    )
     if not isinstance(kl_group_size, int) or kl_group_size < 2:
         raise ValueError(
             f"kl_group_size={kl_group_size!r} must be an int >= 2 (KTO's reference point needs "
@@ -287,13 +404,13 @@ def tokenize_unpaired_records(
         truncation_mode=truncation_mode,
         prompt_too_long=prompt_too_long,
         boundary=boundary,
+        on_boundary_problem=on_boundary_problem,
     )
     stats = DataStats()
     kept = []
     for raw in raw_records:
-        item = _tokenize_unpaired(
-            normalize_unpaired_record(raw, tokenizer), tokenizer, stats, limits
-        )
+        text = _normalized(normalize_unpaired_record, raw, tokenizer, stats, on_boundary_problem)
+        item = None if text is None else _tokenize_unpaired(text, tokenizer, stats, limits)
         if item is not None:
             kept.append(item)
     pairs = []
@@ -317,34 +434,27 @@ def tokenize_unpaired_records(
 def _tokenize_unpaired(text: UnpairedText, tokenizer: Any, stats: DataStats, limits: dict):
     """(prompt_ids, completion_ids, text) truncated as `tokenize_pair` does, or None (counted)."""
     stats.records += 1
-    prompt_ids, completion_ids = _encode_responses(
+    encoded = _encode_responses(
         text.prompt, (text.completion,), text.conversational, tokenizer, limits["boundary"]
     )
-    max_prompt_length, reason, cut = limits["max_prompt_length"], None, set()
-    if not text.completion.strip() or not completion_ids:
-        reason = "empty_response"
-    elif not prompt_ids:
-        reason = "empty_prompt"
-    elif max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        if limits["prompt_too_long"] == "drop":
-            reason = "prompt_too_long"
-        else:
-            mode = limits["truncation_mode"]
-            prompt_ids = _cut_prompt(prompt_ids, max_prompt_length, mode, tokenizer)
-            cut.add("prompt")
-    budget = limits["max_length"] - len(prompt_ids)
-    if reason is None and budget <= 0:
-        reason = "no_response_tokens"
+    policy = limits["on_boundary_problem"]
+    reason = _ids_problem(text, (text.completion,), encoded, tokenizer, policy)
+    if reason is None:
+        truncation = tuple(
+            limits[key]
+            for key in ("max_length", "max_prompt_length", "truncation_mode", "prompt_too_long")
+        )
+        reason, cut, prompt_ids, (completion_ids,) = _truncate(
+            encoded[0], encoded[1], tokenizer, text.where, truncation
+        )
     if reason is not None:
         stats.dropped[reason] += 1
         return None
-    if len(completion_ids) > budget:
-        cut.add("chosen")
     for part in cut:
         stats.truncated[part] += 1
     stats.truncated["records"] += bool(cut)
     stats.kept += 1
-    return prompt_ids, completion_ids[:budget], text
+    return prompt_ids, completion_ids, text
 
 
 def _text_problem(text: PreferenceText) -> str | None:
@@ -377,27 +487,31 @@ def _common_prefix_length(first: list[int], second: list[int]) -> int:
 
 
 def _encode_pair(text: PreferenceText, tokenizer: Any, boundary: str):
-    """(prompt_ids, chosen_ids, rejected_ids) as lists, by the boundary mode (see tokenize_pair)."""
+    """(prompt_ids, (chosen_ids, rejected_ids), wholes) by the boundary mode (see tokenize_pair)."""
     responses = (text.chosen, text.rejected)
     return _encode_responses(text.prompt, responses, text.conversational, tokenizer, boundary)
 
 
 def _encode_responses(prompt: str, responses, conversational: bool, tokenizer, boundary: str):
-    """(prompt_ids, *response_ids): eos after non-conversational responses; one prompt for all."""
+    """(prompt_ids, response_ids per response, whole_ids per response), all lists of ids.
+
+    eos follows non-conversational responses; whole_ids is prompt + response tokenised as one
+    text (the reference `boundary.find_problem` checks each row against).
+    """
     add_eos = not conversational
     prompt_ids = _encode_prompt(prompt, tokenizer)
-    if boundary == "separate":
-        encoded = [
-            _with_eos(list(tokenizer.encode(response)) if response else [], tokenizer, add_eos)
-            for response in responses
-        ]
-        return prompt_ids, *encoded
-    rows = [
+    wholes = [
         _with_eos(_encode_prompt(prompt + response, tokenizer), tokenizer, add_eos)
         for response in responses
     ]
-    prompt_length = min(_common_prefix_length(prompt_ids, row) for row in rows)
-    return prompt_ids[:prompt_length], *(row[prompt_length:] for row in rows)
+    if boundary == "separate":
+        encoded = tuple(
+            _with_eos(list(tokenizer.encode(response)) if response else [], tokenizer, add_eos)
+            for response in responses
+        )
+        return prompt_ids, encoded, wholes
+    prompt_length = min(_common_prefix_length(prompt_ids, whole) for whole in wholes)
+    return prompt_ids[:prompt_length], tuple(whole[prompt_length:] for whole in wholes), wholes
 
 
 def _cut_prompt(ids: list[int], limit: int, truncation_mode: str, tokenizer: Any) -> list[int]:

@@ -25,6 +25,7 @@ def test_pipeline_imports_no_model_training_or_tfds():
         "dpo_jax",
         "dpo_jax.data",
         "dpo_jax.data.batching",
+        "dpo_jax.data.boundary",
         "dpo_jax.data.pipeline",
         "dpo_jax.data.records",
         "dpo_jax.data.synthetic",
