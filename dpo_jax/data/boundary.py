@@ -15,10 +15,11 @@ conversation, prompt + response is the chat template's rendering of the whole co
      the prompt's own encoding, so its last token may differ: a prompt ending in "▁" or "\\n"
      keeps that piece as its own token where the whole text merges it into the response's first
      word. Any earlier difference is a problem (use "joint" for such a tokenizer).
-  2. special tokens at the boundary (the last prompt token and the first response token): one is
-     allowed only where the reference has the same token at the same place, and bos never
-     past the row's first token, whatever the text says (the model never sees bos mid-sequence
-     at inference).
+  2. special tokens at the boundary (the last prompt token and the first response token; unk is
+     not one, see `special_ids`): one is allowed only where the reference has the same token at
+     the same place (special tokens are split out of the text before the model's pieces, so the
+     places line up), and bos never past the row's first token, whatever the text says (the
+     model never sees bos mid-sequence at inference).
   3. eos: a response never ends in two eos, and a non-conversational response holds eos only as
      its last token.
 """
@@ -38,7 +39,11 @@ class BoundaryError(ValueError):
 
 
 def special_ids(tokenizer: Any) -> dict[int, str]:
-    """id -> token string of each special token: bos/eos/pad/unk, added tokens marked special."""
+    """id -> token string of each special token: bos/eos/pad and added tokens marked special.
+
+    unk is left out: it stands for text the vocabulary lacks, not a control token (the unknown
+    rate is checked apart, `coverage.check`).
+    """
     backend = tokenizer.backend
     specials = {
         token_id: token.content
@@ -47,6 +52,7 @@ def special_ids(tokenizer: Any) -> dict[int, str]:
     }
     for token in tokenizer.special_tokens.values():
         specials[backend.token_to_id(token)] = token
+    specials.pop(tokenizer.unk_id, None)
     return specials
 
 

@@ -148,6 +148,11 @@ def test_prompt_then_response_truncation_together():
             {"max_length": 3},
             "chosen_equals_rejected_after_truncation",
         ),
+        (
+            {"prompt": "a", "chosen": "b <eos> <eos>", "rejected": "c"},
+            {"on_boundary_problem": "skip"},
+            "boundary_problem",
+        ),
     ],
 )
 def test_drops_are_counted_by_reason(record, limits, reason):
@@ -157,6 +162,20 @@ def test_drops_are_counted_by_reason(record, limits, reason):
     expected = dict.fromkeys(DROP_REASONS, 0) | {reason: 1}
     assert stats.dropped == expected
     assert (stats.records, stats.kept) == (3, 2)
+    assert f"3 records: 2 kept in 0 rows; dropped: {reason}=1;" in str(stats)
+
+
+def test_every_drop_reason_has_a_case():
+    # test_drops_are_counted_by_reason covers every reason but "empty_prompt", tested below.
+    assert set(DROP_REASONS) == {
+        "chosen_equals_rejected",
+        "empty_response",
+        "empty_prompt",
+        "prompt_too_long",
+        "no_response_tokens",
+        "chosen_equals_rejected_after_truncation",
+        "boundary_problem",
+    }
 
 
 def test_empty_prompt_without_bos_is_dropped():
@@ -192,6 +211,7 @@ def test_stats_report_every_key():
         ({"truncation_mode": "left"}, "truncation_mode='left' must be one of"),
         ({"prompt_too_long": "skip"}, "prompt_too_long='skip' must be one of"),
         ({"boundary": "merged"}, "boundary='merged' must be one of"),
+        ({"on_boundary_problem": "warn"}, "on_boundary_problem='warn' must be one of"),
     ],
 )
 def test_invalid_limits_are_errors(limits, message):
