@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.bench.warmup_steps = 1
             config.bench.timed_steps = 3
             config.bench.logprob_memory_tokens = 0
+            config.bench.cache_pairs = 256
     config.lock()
     return config
 
@@ -81,9 +82,21 @@ def bench_fields(*, prompt_length: int, response_length: int) -> ml_collections.
     bench.timed_steps = 6  # timed steps; the median is reported
     # Alternatives, each compiled and timed in its own subprocess; the first is the baseline.
     # Names: default, bfloat16, float32, remat, no_remat, chunked, full_logits, cudnn,
-    # xla_attention, precomputed_ref. A variant equal to the default (e.g. "float32" when the
-    # default already is) is still run; cudnn is reported as n/a off GPU.
-    bench.variants = "default,bfloat16,remat,chunked,cudnn,precomputed_ref,tr_dpo,reference_free"
+    # xla_attention, precomputed_ref, tr_dpo, reference_free, padded_varied, packed_varied (pairs
+    # of varied length, one a row or 3 packed a row: real tokens/s). A variant equal to the
+    # default (e.g. "float32" when the default already is) is still run; cudnn is reported as
+    # n/a off GPU.
+    bench.variants = (
+        "default,bfloat16,remat,chunked,cudnn,precomputed_ref,tr_dpo,reference_free,"
+        "padded_varied,packed_varied"
+    )
+    bench.lengths = "fixed"  # "fixed": every pair as above; "varied": see bench.min_length
+    # "varied": prompt and response lengths uniform in [min_length, prompt/response_length].
+    bench.min_length = 16  # tokens
+    # The reference-log-prob cache timed on this many synthetic pairs (miss: the reference pass
+    # and the write; hit: the read), rows of cache_max_length tokens; 0 = skip.
+    bench.cache_pairs = 1024  # pairs
+    bench.cache_max_length = 24  # tokens per row (the synthetic task's rows are <= 18)
     bench.chunk_size = 1024  # logits_chunk_size of the "chunked" variant (token rows per chunk)
     bench.peak_matmul_size = 2048  # n of the n³ jnp.dot in the compute dtype that defines peak
     bench.peak_repeats = 3  # timed dots before each timed step; their median is that step's peak

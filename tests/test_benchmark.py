@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from dpo_jax.benchmarks import step_benchmark
+from dpo_jax.benchmarks import data_effects, step_benchmark
 from dpo_jax.models import ModelConfig
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -148,3 +148,52 @@ def test_cudnn_is_not_available_on_cpu():
 def test_unknown_variant_is_an_error_listing_the_known_ones():
     with pytest.raises(ValueError, match="known: .*precomputed_ref"):
         step_benchmark.with_variant(_tiny_config(), "fast")
+
+
+def test_varied_batches_pad_or_pack_the_same_kind_of_pairs():
+    shape = dict(
+        rows=4, max_length=40, prompt_length=12, response_length=8, min_length=2, vocab_size=64
+    )
+    padded = data_effects.varied_batch(pairs_per_row=1, seed=0, **shape)
+    packed = data_effects.varied_batch(pairs_per_row=3, seed=0, **shape)
+    assert padded["tokens"].shape == packed["tokens"].shape == (4, 2, 40)
+    assert padded["pair_mask"].sum() == 4 and packed["pair_mask"].sum() > 4
+    # Padded: the first 4 of the drawn pairs, one a row, each 3..20 tokens a side.
+    pairs = data_effects.varied_pairs(
+        24, prompt_range=(2, 12), response_range=(2, 8), vocab_size=64, seed=0
+    )
+    assert data_effects.real_tokens(padded) == sum(sum(pair.lengths) for pair in pairs[:4])
+    assert data_effects.real_tokens(packed) > data_effects.real_tokens(padded)
+
+
+@pytest.mark.parametrize("variant", ["padded_varied", "packed_varied"])
+def test_the_varied_variants_report_real_tokens(variant):
+    config = step_benchmark.with_variant(_tiny_config(min_length=1), variant)
+    with config.unlocked():
+        config.data.max_length = 20  # room to pack pairs of up to 4 + 6 tokens a side
+    result = step_benchmark.measure_variant(config)
+    expected = data_effects.varied_batch(
+        rows=2,
+        max_length=20,
+        pairs_per_row=config.data.pairs_per_row,
+        prompt_length=4,
+        response_length=6,
+        min_length=1,
+        vocab_size=64,
+        seed=config.seed,
+    )
+    assert result["real_tokens"] == data_effects.real_tokens(expected)
+    assert result["real_tokens"] < result["tokens"] == 2 * 2 * 20
+    assert math.isclose(result["real_tokens_per_s"], result["real_tokens"] / result["step_s"])
+
+
+def test_a_cache_hit_reads_what_the_miss_computed(capsys):
+    config = _tiny_config(cache_pairs=16, cache_max_length=24)
+    result = data_effects.measure_cache_hit(config)
+    assert result["pairs"] == 16 and result["cache_bytes"] > 0
+    assert math.isclose(result["saved_s"], result["miss_s"] - result["hit_s"])
+    printed = capsys.readouterr().out
+    assert "no reference log-prob cache for this fingerprint" in printed
+    assert "reference log-probs of 16 pairs read from the cache" in printed
+    lines = data_effects.format_lines({"variants": {}, "ref_cache": result})
+    assert lines[0].startswith("Reference-log-prob cache, 16 pairs: miss (reference pass + write)")

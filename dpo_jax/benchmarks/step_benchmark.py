@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dpo_jax.benchmarks import data_effects
+
 VARIANTS = {
     # name: {config field: value}; a value of None is taken from config.bench (the chunk size).
     "default": {},
@@ -51,6 +53,9 @@ VARIANTS = {
     "precomputed_ref": {"dpo.reference": "precomputed"},
     "tr_dpo": {"dpo.reference": "moving", "dpo.ref_sync_every": 16},
     "reference_free": {"dpo.reference": "none"},
+    # Pairs of varied length (data_effects.varied_batch), one a row or packed up to 3 a row.
+    "padded_varied": {"bench.lengths": "varied", "data.pairs_per_row": 1},
+    "packed_varied": {"bench.lengths": "varied", "data.pairs_per_row": 3},
 }
 
 
@@ -204,13 +209,7 @@ def build_step(config: ml_collections.ConfigDict):
         train_batches=None,
         eval_batches=[],
     )
-    host_batch = random_batch(
-        pairs=config.data.batch_size,
-        prompt_length=config.bench.prompt_length,
-        response_length=config.bench.response_length,
-        vocab_size=model_config.vocab_size,
-        seed=config.seed,
-    )
+    host_batch = _host_batch(config, model_config.vocab_size)
     if precomputed:  # the one pass before training, as train.make_dpo_stage runs it
         compute = jax.jit(
             lambda p, b: step_lib.ref_logps_fn(
@@ -228,12 +227,38 @@ def build_step(config: ml_collections.ConfigDict):
     return update, state, reference, batch, jax.random.key(config.seed), model_config, stage
 
 
+def _host_batch(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, np.ndarray]:
+    """Random tokens of the config's shape: every pair the same length, or varied lengths."""
+    bench = config.bench
+    if bench.lengths == "fixed":
+        return random_batch(
+            pairs=config.data.batch_size,
+            prompt_length=bench.prompt_length,
+            response_length=bench.response_length,
+            vocab_size=vocab_size,
+            seed=config.seed,
+        )
+    if bench.lengths != "varied":
+        raise ValueError(f"config.bench.lengths={bench.lengths!r} must be 'fixed' or 'varied'")
+    return data_effects.varied_batch(
+        rows=config.data.batch_size,
+        max_length=config.data.max_length,
+        pairs_per_row=config.data.pairs_per_row,
+        prompt_length=bench.prompt_length,
+        response_length=bench.response_length,
+        min_length=bench.min_length,
+        vocab_size=vocab_size,
+        seed=config.seed,
+    )
+
+
 def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compiles and times one variant's step in this process (see `run_benchmark`)."""
     from dpo_jax.reference import kind_name
 
     bench = config.bench
     update, state, reference, batch, rng, model_config, stage = build_step(config)
+    num_real_tokens = int(jax.device_get(jnp.sum(batch["segment_ids"] > 0)))
     # What the stage holds on its devices between steps: policy, optimizer state, reference (if
     # any kind keeps params) and the batch; the step's temporaries come on top (XLA's analysis).
     held_bytes = sum(array.nbytes for array in jax.live_arrays())
@@ -282,6 +307,8 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "step_times_s": step_times,
         "compile_s": compile_s,
         "tokens_per_s": flops["tokens"] / step_s,
+        "real_tokens": num_real_tokens,  # non-padding positions
+        "real_tokens_per_s": num_real_tokens / step_s,
         **flops,
         "achieved_flops_per_s": flops["total_flops"] / step_s,
         "peak": peak,
@@ -309,9 +336,9 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def _run_in_subprocess(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _run_in_subprocess(config: ml_collections.ConfigDict, module: str = __name__) -> dict:
     process = subprocess.run(
-        [sys.executable, "-m", __name__, config.to_json()], capture_output=True, text=True
+        [sys.executable, "-m", module, config.to_json()], capture_output=True, text=True
     )
     if process.returncode != 0:
         return {"error": f"exit {process.returncode}: {process.stderr.strip()[-2000:]}"}
@@ -320,12 +347,13 @@ def _run_in_subprocess(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Every variant of `config.bench.variants`, each in a fresh subprocess, plus the V = 262,144
-    log-prob memory check.
+    log-prob memory check and the reference-cache hit (`data_effects`).
 
     Returns:
       {"config": the config as a dict, "variants": {name: measure_variant's dict, or
        {"n/a": reason} or {"error": ...}}, "ratios": {name: step_s / the first variant's step_s},
-       "logprob_memory": `measure_logprob_memory`'s result or None}.
+       "logprob_memory": `measure_logprob_memory`'s result or None, "ref_cache":
+       `data_effects.measure_cache_hit`'s result or None}.
     """
     names = [name.strip() for name in config.bench.variants.split(",") if name.strip()]
     results: dict[str, Any] = {}
@@ -353,11 +381,15 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
             )
         except RuntimeError as error:  # e.g. the full path runs out of memory
             logprob_memory = {"error": str(error)[-2000:]}
+    ref_cache = None
+    if config.bench.cache_pairs:
+        ref_cache = _run_in_subprocess(config, data_effects.__name__)
     return {
         "config": config.to_dict(),
         "variants": results,
         "ratios": ratios,
         "logprob_memory": logprob_memory,
+        "ref_cache": ref_cache,
     }
 
 
@@ -390,6 +422,8 @@ def format_table(result: dict[str, Any]) -> str:
         "before it; best-peak MFU: the median step against the fastest of those dots."
     )
     lines += ["", _reference_memory_table(result)]
+    effects = data_effects.format_lines(result)
+    lines += ["", *effects] if effects else []
     memory = result.get("logprob_memory")
     if memory and "ratios" in memory:
         from dpo_jax.benchmarks.logprob_memory import format_table as memory_table
