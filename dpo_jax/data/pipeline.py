@@ -219,7 +219,7 @@ def make_pair_iterator(
       max_prompt_length: most prompt tokens (bos included), or None.
       truncation_mode: "keep_end" (TRL's default: keep the prompt's last tokens) or "keep_start".
       prompt_too_long: "truncate" or "drop" a prompt over max_prompt_length, or "error" on any
-        cut (see `tokenize.PROMPT_TOO_LONG_POLICIES`).
+        cut (see `truncation.PROMPT_TOO_LONG_POLICIES`).
       response_marker: an implicit prompt ends right after the last such marker the two
         responses share (HH-RLHF's "\\n\\nAssistant:"; "" for none), else before their last
         shared whitespace (see `records.split_common_prefix`).

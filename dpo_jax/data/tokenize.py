@@ -17,18 +17,16 @@ from dpo_jax.data.records import (
     normalize_record,
     normalize_unpaired_record,
 )
+from dpo_jax.data.truncation import (
+    PROMPT_TOO_LONG_POLICIES,
+    TRUNCATION_MODES,
+    truncate,
+)
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
 # How the prompt/response boundary is found: "separate" tokenises the prompt and each response
 # apart and joins the ids; "joint" (TRL 1.16) tokenises prompt + response as one text and splits
 # at the common prefix with the prompt's tokens.
 BOUNDARY_MODES = ("separate", "joint")
-# What happens to a pair over the limits: "truncate" cuts it (a prompt over max_prompt_length,
-# then each response to the row's budget), "drop" drops a prompt over max_prompt_length (and
-# still cuts responses), "error" refuses any cut at all: a prompt over max_prompt_length, a
-# response over the row's budget or a prompt that fills the row raise naming the record and the
-# lengths, so no pair is ever silently shortened.
-PROMPT_TOO_LONG_POLICIES = ("truncate", "drop", "error")
 # Why a record was dropped; every key is always reported, zeros included.
 DROP_REASONS = (
     "chosen_equals_rejected",  # identical texts: no preference to learn
@@ -190,7 +188,7 @@ def tokenize_pair(
         stats.dropped[reason] += 1
         return None
     limits = (max_length, max_prompt_length, truncation_mode, prompt_too_long)
-    reason, cut, prompt_ids, (chosen_ids, rejected_ids) = _truncate(
+    reason, cut, prompt_ids, (chosen_ids, rejected_ids) = truncate(
         prompt_ids, responses, tokenizer, text.where, limits
     )
     if reason is None and chosen_ids == rejected_ids:
@@ -240,40 +238,6 @@ def _check_boundary(text, name, prompt_ids, response_ids, whole_ids, tokenizer, 
         f"{show(response_ids[:3], tokenizer)} (config.data.on_boundary_problem='skip' drops such "
         "pairs, counted)"
     )
-
-
-def _truncate(prompt_ids, responses, tokenizer, where: str, limits):
-    """(drop reason or None, cut parts, prompt_ids, responses) after truncation.
-
-    Raises:
-      ValueError: any cut under prompt_too_long="error" (the record and the lengths named).
-    """
-    max_length, max_prompt_length, truncation_mode, prompt_too_long = limits
-    strict = prompt_too_long == "error"
-    cut = set()
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        if strict:
-            raise ValueError(
-                f"{where}: the prompt has {len(prompt_ids)} tokens > max_prompt_length="
-                f"{max_prompt_length} (prompt_too_long='error' refuses every cut)"
-            )
-        if prompt_too_long == "drop":
-            return "prompt_too_long", cut, prompt_ids, responses
-        prompt_ids = _cut_prompt(prompt_ids, max_prompt_length, truncation_mode, tokenizer)
-        cut.add("prompt")
-    budget = max_length - len(prompt_ids)
-    names = ("chosen", "rejected") if len(responses) == 2 else ("chosen",)
-    for name, ids in zip(names, responses, strict=True):
-        if len(ids) > max(budget, 0) and strict:
-            raise ValueError(
-                f"{where}: the {name} row has {len(prompt_ids)} prompt + {len(ids)} response "
-                f"tokens > max_length={max_length} (prompt_too_long='error' refuses every cut)"
-            )
-        if len(ids) > budget:
-            cut.add(name)
-    if budget <= 0:
-        return "no_response_tokens", cut, prompt_ids, responses
-    return None, cut, prompt_ids, tuple(ids[:budget] for ids in responses)
 
 
 def tokenize_records(
@@ -444,7 +408,7 @@ def _tokenize_unpaired(text: UnpairedText, tokenizer: Any, stats: DataStats, lim
             limits[key]
             for key in ("max_length", "max_prompt_length", "truncation_mode", "prompt_too_long")
         )
-        reason, cut, prompt_ids, (completion_ids,) = _truncate(
+        reason, cut, prompt_ids, (completion_ids,) = truncate(
             encoded[0], encoded[1], tokenizer, text.where, truncation
         )
     if reason is not None:
@@ -512,12 +476,3 @@ def _encode_responses(prompt: str, responses, conversational: bool, tokenizer, b
         return prompt_ids, encoded, wholes
     prompt_length = min(_common_prefix_length(prompt_ids, whole) for whole in wholes)
     return prompt_ids[:prompt_length], tuple(whole[prompt_length:] for whole in wholes), wholes
-
-
-def _cut_prompt(ids: list[int], limit: int, truncation_mode: str, tokenizer: Any) -> list[int]:
-    if truncation_mode == "keep_start":
-        return ids[:limit]
-    # keep_end: the bos stays first, as the model was trained to see it.
-    if tokenizer.add_bos and ids[:1] == [tokenizer.bos_id] and limit > 1:
-        return [ids[0], *ids[len(ids) - limit + 1 :]]
-    return ids[len(ids) - limit :]

@@ -30,5 +30,6 @@ def test_pipeline_imports_no_model_training_or_tfds():
         "dpo_jax.data.records",
         "dpo_jax.data.synthetic",
         "dpo_jax.data.tokenize",
+        "dpo_jax.data.truncation",
         "dpo_jax.tokenizer",
     ]
