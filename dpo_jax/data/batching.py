@@ -90,7 +90,9 @@ def collate_rows(
       when the pairs are unpaired (KTO) records, which carry a `label`.
 
     Raises:
-      ValueError: too many rows, too many pairs in a row, or a row longer than max_length.
+      ValueError: too many rows, too many pairs in a row, a row longer than max_length, or a
+        pair with no token to score on a side (no prompt token or no response token: the
+        pipeline drops these, counted; a pair built by hand is checked here).
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {num_rows}")
@@ -115,6 +117,7 @@ def collate_rows(
             start = 0
             for k, pair in enumerate(row):
                 response = pair.chosen_ids if side == 0 else pair.rejected_ids
+                _check_scored(pair, side, response)
                 sequence = np.concatenate([pair.prompt_ids, response])
                 end = start + len(sequence)
                 if end > max_length:
@@ -125,3 +128,14 @@ def collate_rows(
                 batch["segment_ids"][b, side, start:end] = k + 1
                 start = end
     return batch
+
+
+def _check_scored(pair: TokenizedPair, side: int, response: np.ndarray) -> None:
+    """Every pair scores >= 1 token a side: a response token after >= 1 prompt token (the
+    prediction at t - 1 scores token t, and a segment's first token has no prediction)."""
+    if len(response) == 0 or len(pair.prompt_ids) == 0:
+        name = ("chosen", "rejected")[side]
+        raise ValueError(
+            f"{pair.where}: the {name} row has {len(pair.prompt_ids)} prompt and "
+            f"{len(response)} response tokens: no token to score (needs >= 1 of each)"
+        )

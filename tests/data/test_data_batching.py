@@ -97,3 +97,18 @@ def test_pack_pairs_respects_limits_and_is_deterministic():
 def test_pack_pairs_rejects_a_pair_longer_than_a_row():
     with pytest.raises(ValueError, match=r"pair 1 has lengths \[3 9\] > max_length=8"):
         pack_pairs(np.array([[2, 2], [3, 9]]), max_length=8, pairs_per_row=2)
+
+
+@pytest.mark.parametrize(
+    "prompt, chosen, message",
+    [
+        ([1, 4], [], "x: the chosen row has 2 prompt and 0 response tokens: no token to score"),
+        ([], [5, 2], "x: the chosen row has 0 prompt and 2 response tokens: no token to score"),
+    ],
+)
+def test_a_pair_with_nothing_to_score_never_becomes_a_batch(prompt, chosen, message):
+    pair = TokenizedPair(
+        np.array(prompt, np.int32), np.array(chosen, np.int32), np.array([6, 2], np.int32), "x"
+    )
+    with pytest.raises(ValueError, match=message):
+        collate_rows([[pair]], num_rows=1, max_length=8, pairs_per_row=1, pad_id=0)
