@@ -197,3 +197,18 @@ def test_a_cache_hit_reads_what_the_miss_computed(capsys):
     assert "reference log-probs of 16 pairs read from the cache" in printed
     lines = data_effects.format_lines({"variants": {}, "ref_cache": result})
     assert lines[0].startswith("Reference-log-prob cache, 16 pairs: miss (reference pass + write)")
+
+
+def test_packing_is_timed_alternately_and_counts_real_tokens():
+    config = _tiny_config(min_length=1, timed_steps=2)
+    with config.unlocked():
+        config.data.max_length = 20
+    result = data_effects.measure_packing(config)
+    shape = dict(rows=2, max_length=20, prompt_length=4, response_length=6, min_length=1)
+    for name, per_row in (("padded", 1), ("packed", 3)):
+        batch = data_effects.varied_batch(pairs_per_row=per_row, vocab_size=64, seed=0, **shape)
+        assert result[f"{name}_real_tokens"] == data_effects.real_tokens(batch)
+    assert result["tokens"] == 2 * 2 * 20 and len(result["ratios"]) == 2
+    assert math.isclose(result["ratio"], sum(result["ratios"]) / 2)  # the median of two
+    lines = data_effects.format_lines({"packing": result})
+    assert lines[-1].startswith(f"  packed / padded real-token throughput: {result['ratio']:.2f}x")

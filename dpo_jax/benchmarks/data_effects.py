@@ -1,12 +1,15 @@
 """What packing and the reference cache buy: batches of pairs of varied length (padded, or
 packed by the pipeline's own packer) for the step benchmark, and the time a cache hit saves.
 
-Packing. `varied_batch` draws pairs whose prompt and response lengths are uniform in
+Packing. `varied_batch` draws pairs whose prompt and response lengths are log-uniform in
 [min_length, bench.prompt_length] and [min_length, bench.response_length], then lays them out as
 training does (`pipeline.make_rows`, `batching.collate_rows`): one pair a row (pairs_per_row=1),
 or up to S pairs a row. Both batches have the same shape [B, 2, T], so a step costs about the same;
 what packing changes is how many of the B·2·T positions are real tokens. The benchmark reports
-real (non-padding) tokens per second for each.
+real (non-padding) tokens per second for each. On a shared machine, whose speed moves by tens
+of percent within seconds, the two variants' own runs (in separate processes, minutes apart)
+compare poorly; `measure_packing` therefore times both layouts in one process, alternating one
+padded step and one packed step, and reports the median of the per-pair throughput ratios.
 
 The reference cache. `measure_cache_hit` runs the DPO stage's own cached-reference path
 (`build._cached_reference_logps`, `config.dpo.reference="cached"`) twice into an empty
@@ -33,9 +36,17 @@ from dpo_jax.data.tokenize import TokenizedPair
 def varied_pairs(
     num_pairs: int, *, prompt_range, response_range, vocab_size: int, seed: int
 ) -> list[TokenizedPair]:
-    """Random pairs: prompt, chosen and rejected lengths each uniform in its [low, high]."""
+    """Random pairs: prompt, chosen and rejected lengths each log-uniform in its [low, high].
+
+    Log-uniform, as preference data is: most texts short, a long tail up to the row's limit
+    (for [16, 128] the median is 45 and the mean 54).
+    """
     rng = np.random.default_rng(seed)
-    draw = lambda low, high: rng.integers(1, vocab_size, rng.integers(low, high + 1), np.int32)
+
+    def draw(low: int, high: int) -> np.ndarray:
+        length = int(np.exp(rng.uniform(np.log(low), np.log(high + 1))))
+        return rng.integers(1, vocab_size, min(length, high), np.int32)
+
     return [
         TokenizedPair(draw(*prompt_range), draw(*response_range), draw(*response_range), f"#{i}")
         for i in range(num_pairs)
@@ -144,23 +155,79 @@ def measure_cache_hit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
+def measure_packing(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Real-token throughput of packed vs padded batches, timed alternately in one process.
+
+    Both steps are the training step (`step_benchmark.build_step`) on the same random model;
+    the padded batch is `varied_batch(pairs_per_row=1)`, the packed one
+    `varied_batch(pairs_per_row=3)`, both [B, 2, T].
+
+    Returns:
+      {"padded_real_tokens", "packed_real_tokens", "tokens" (B·2·T), "padded_step_s",
+       "packed_step_s" (medians), "ratios" (each alternation's packed / padded real tokens per
+       second), "ratio" (their median)}.
+    """
+    import jax
+
+    from dpo_jax.benchmarks import step_benchmark
+
+    steps, counts = {}, {}
+    for name in ("padded_varied", "packed_varied"):
+        update, state, reference, batch, rng, _, _ = step_benchmark.build_step(
+            step_benchmark.with_variant(config, name)
+        )
+        compiled = update.lower(state, reference, batch, rng).compile()
+        for _ in range(max(config.bench.warmup_steps, 1)):
+            state, _ = compiled(state, reference, batch, rng)
+        jax.block_until_ready(state)
+        steps[name] = [compiled, state, reference, batch, rng]
+        counts[name] = int(jax.device_get(jax.numpy.sum(batch["segment_ids"] > 0)))
+    times = {name: [] for name in steps}
+    for _ in range(config.bench.timed_steps):
+        for name, step in steps.items():
+            compiled, state, reference, batch, rng = step
+            start = time.perf_counter()
+            step[1], _ = compiled(state, reference, batch, rng)
+            jax.block_until_ready(step[1])
+            times[name].append(time.perf_counter() - start)
+    ratios = [
+        (counts["packed_varied"] / packed) / (counts["padded_varied"] / padded)
+        for padded, packed in zip(times["padded_varied"], times["packed_varied"], strict=True)
+    ]
+    return {
+        "padded_real_tokens": counts["padded_varied"],
+        "packed_real_tokens": counts["packed_varied"],
+        "tokens": int(np.prod(steps["padded_varied"][3]["tokens"].shape)),
+        "padded_step_s": float(np.median(times["padded_varied"])),
+        "packed_step_s": float(np.median(times["packed_varied"])),
+        "ratios": ratios,
+        "ratio": float(np.median(ratios)),
+    }
+
+
 def format_lines(result: dict[str, Any]) -> list[str]:
     """The packing and the cache rows of `step_benchmark.run_benchmark`'s result, as text."""
     lines = []
-    variants = result["variants"]
-    padded, packed = variants.get("padded_varied", {}), variants.get("packed_varied", {})
-    if "real_tokens_per_s" in padded and "real_tokens_per_s" in packed:
-        ratio = packed["real_tokens_per_s"] / padded["real_tokens_per_s"]
-        lines += [
-            "Pairs of varied length, same [B, 2, T] batch (real tokens = non-padding):",
-            f"{'layout':<16}{'real tokens':>12}{'fill':>7}{'s/step':>8}{'real tokens/s':>15}",
-        ]
-        for name, row in (("padded_varied", padded), ("packed_varied", packed)):
+    packing = result.get("packing")
+    if packing and "ratio" in packing:
+        lines.append(
+            "Pairs of varied length (log-uniform), the same [B, 2, T] batch, padded (1 pair a "
+            "row) and packed (up to 3), steps alternated in one process:"
+        )
+        for name in ("padded", "packed"):
+            real, step_s = packing[f"{name}_real_tokens"], packing[f"{name}_step_s"]
             lines.append(
-                f"{name:<16}{row['real_tokens']:>12}{row['real_tokens'] / row['tokens']:>7.1%}"
-                f"{row['step_s']:>8.3f}{row['real_tokens_per_s']:>15.0f}"
+                f"  {name}: {real} real tokens of {packing['tokens']} "
+                f"({real / packing['tokens']:.1%}), {step_s:.3f} s/step, {real / step_s:.0f} "
+                "real tokens/s"
             )
-        lines.append(f"packed / padded real-token throughput: {ratio:.2f}x")
+        lines.append(
+            f"  packed / padded real-token throughput: {packing['ratio']:.2f}x (median of "
+            f"{len(packing['ratios'])} alternations: "
+            f"{', '.join(f'{r:.2f}' for r in packing['ratios'])})"
+        )
+    elif packing:
+        lines.append(f"packing timing failed: {str(packing.get('error'))[:300]}")
     cache = result.get("ref_cache")
     if cache and "hit_s" in cache:
         lines.append(
@@ -174,8 +241,12 @@ def format_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+MEASUREMENTS = {"cache": measure_cache_hit, "packing": measure_packing}
+
 if __name__ == "__main__":  # the subprocess of `step_benchmark.run_benchmark`: JSON out
     parser = argparse.ArgumentParser()
     parser.add_argument("config", help="the benchmark config, as ConfigDict.to_json()")
-    bench_config = ml_collections.ConfigDict(json.loads(parser.parse_args().config))
-    print(json.dumps(measure_cache_hit(bench_config)))
+    parser.add_argument("--measure", choices=sorted(MEASUREMENTS), required=True)
+    args = parser.parse_args()
+    bench_config = ml_collections.ConfigDict(json.loads(args.config))
+    print(json.dumps(MEASUREMENTS[args.measure](bench_config)))

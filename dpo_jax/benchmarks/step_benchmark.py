@@ -336,9 +336,11 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def _run_in_subprocess(config: ml_collections.ConfigDict, module: str = __name__) -> dict:
+def _run_in_subprocess(config: ml_collections.ConfigDict, *extra: str) -> dict:
+    """`python -m step_benchmark CONFIG` (one variant), or the module and flags in `extra`."""
+    module, *flags = extra or (__name__,)
     process = subprocess.run(
-        [sys.executable, "-m", module, config.to_json()], capture_output=True, text=True
+        [sys.executable, "-m", module, config.to_json(), *flags], capture_output=True, text=True
     )
     if process.returncode != 0:
         return {"error": f"exit {process.returncode}: {process.stderr.strip()[-2000:]}"}
@@ -352,8 +354,8 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
     Returns:
       {"config": the config as a dict, "variants": {name: measure_variant's dict, or
        {"n/a": reason} or {"error": ...}}, "ratios": {name: step_s / the first variant's step_s},
-       "logprob_memory": `measure_logprob_memory`'s result or None, "ref_cache":
-       `data_effects.measure_cache_hit`'s result or None}.
+       "logprob_memory": `measure_logprob_memory`'s result or None, "ref_cache" and
+       "packing": `data_effects.measure_cache_hit`'s and `measure_packing`'s or None}.
     """
     names = [name.strip() for name in config.bench.variants.split(",") if name.strip()]
     results: dict[str, Any] = {}
@@ -381,15 +383,18 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
             )
         except RuntimeError as error:  # e.g. the full path runs out of memory
             logprob_memory = {"error": str(error)[-2000:]}
-    ref_cache = None
+    ref_cache = packing = None
     if config.bench.cache_pairs:
-        ref_cache = _run_in_subprocess(config, data_effects.__name__)
+        ref_cache = _run_in_subprocess(config, data_effects.__name__, "--measure=cache")
+    if config.bench.packing:
+        packing = _run_in_subprocess(config, data_effects.__name__, "--measure=packing")
     return {
         "config": config.to_dict(),
         "variants": results,
         "ratios": ratios,
         "logprob_memory": logprob_memory,
         "ref_cache": ref_cache,
+        "packing": packing,
     }
 
 
