@@ -22,11 +22,13 @@ Variants (`configs/default.py:<variant>`):
   packed     two pairs packed into each row (segment ids).
   kto        KTO (arXiv:2402.01306) instead of DPO: each pair becomes a desirable and an
              undesirable completion; β = 2 (README, "KTO on the synthetic task").
+  lora       the DPO stage trains rank-8 LoRA adapters on every layer's linear kernels over the
+             SFT model (held once, the reference with adapters off), at 10x the learning rate.
 """
 
 import ml_collections
 
-VARIANTS = ("", "tiny", "dpo_paper", "precomputed_ref", "tr_dpo", "packed", "kto")
+VARIANTS = ("", "tiny", "dpo_paper", "precomputed_ref", "tr_dpo", "packed", "kto", "lora")
 
 # Logical axis -> mesh axes. One entry per logical name the models use; a param with a name not
 # listed here is an error. The batch is always split over ("data", "fsdp") on its first axis.
@@ -131,10 +133,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # fingerprint of weights, tokenizer, data and settings), "moving" (TR-DPO), "none" (log π_ref
     # = 0).
     # Losses that read no reference (simpo, sft) always run with "none".
-    config.dpo.reference = "frozen"  # "frozen", "precomputed", "cached", "moving", "none"
+    # With LoRA (lora.rank > 0) the reference is the base with the adapters off: "adapters_off".
+    config.dpo.reference = "frozen"  # frozen, precomputed, cached, moving, none, adapters_off
     config.dpo.ref_cache_dir = ""  # reference="cached": directory; "" = <workdir>/ref_logps_cache
     config.dpo.ref_sync_every = 0  # reference="moving": ref <- α·policy + (1−α)·ref every N steps
     config.dpo.ref_sync_alpha = 0.6  # reference="moving": TR-DPO α in [0, 1]
+
+    # LoRA (dpo_jax.lora) in the DPO stage: the state trains low-rank adapters A [in, r],
+    # B [r, out] on the matching linear kernels, W' = W + (alpha / r)·A·B; the base is held once
+    # and is the reference. An SFT stage before it (sft.num_steps) trains the full model.
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 0  # r >= 1; 0 = full fine-tuning, no adapters
+    config.lora.alpha = 16.0  # the adapters' delta is scaled by alpha / rank (PEFT's lora_alpha)
+    # Comma-separated regexes searched in param paths like "layers/attn/q_kernel"; each must
+    # match a linear kernel (q/k/v/o_kernel, gate/up/down_kernel, lm_head).
+    config.lora.targets = "attn/[qkvo]_kernel,mlp/(gate|up|down)_kernel"  # every layer's
+    config.lora.dropout = 0.0  # only 0: the adapters are merged into W (see dpo_jax/lora.py)
 
     # Optimizer (of the DPO stage; the SFT stage shares it but for its rate and warmup)
     config.optimizer = ml_collections.ConfigDict()
@@ -222,6 +236,13 @@ def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.dpo.reference = "moving"
         config.dpo.ref_sync_every = 16
         config.dpo.ref_sync_alpha = 0.6
+    elif variant == "lora":
+        config.lora.rank = 8
+        config.lora.alpha = 16.0
+        config.dpo.reference = "adapters_off"
+        # Adapters start at B = 0 and move the model through a rank-8 product: the usual LoRA
+        # practice of a rate about 10x full fine-tuning's.
+        config.optimizer.learning_rate *= 10
     elif variant == "kto":
         config.dpo.loss_type = "kto"
         config.dpo.beta = 2.0

@@ -12,10 +12,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from dpo_jax import ref_cache, ref_logps, sharding
+from dpo_jax import lora, ref_cache, ref_logps, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
-from dpo_jax.config_checks import loss_names, loss_weights
+from dpo_jax.config_checks import lora_targets, loss_names, loss_weights
 from dpo_jax.data import coverage, synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
 from dpo_jax.optim import make_optimizer, make_schedule
@@ -161,8 +161,11 @@ def make_sft_stage(config, tokenizer, ctx: Context, sources, counts: dict) -> St
 
 
 def reference_kind(config: ml_collections.ConfigDict) -> str:
-    """The DPO stage's kind of reference: config.dpo.reference, or "none" when every listed
-    loss reads no reference (simpo, sft)."""
+    """The DPO stage's kind of reference: "adapters_off" with LoRA (whose policy is built on
+    the base it holds), else config.dpo.reference, or "none" when every listed loss reads no
+    reference (simpo, sft)."""
+    if config.lora.rank:
+        return "adapters_off"
     if all(name in REFERENCE_FREE_LOSSES for name in loss_names(config.dpo.loss_type)):
         return "none"
     return config.dpo.reference
@@ -182,6 +185,17 @@ def make_reference(config: ml_collections.ConfigDict, initial_params: Any):
             return reference_lib.PrecomputedReference()
         case "none":
             return reference_lib.NoReference()
+        case "adapters_off":
+            spec = lora.LoraSpec(
+                config.lora.rank, config.lora.alpha, lora_targets(config.lora.targets)
+            )
+            lora.target_paths(initial_params, spec)  # each pattern must match a linear kernel
+            return reference_lib.AdaptersOffReference(
+                initial_params,
+                spec=spec,
+                seed=config.seed,
+                base_fingerprint=ref_cache.params_digest(initial_params),
+            )
     raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; allowed: {REFERENCES}")
 
 

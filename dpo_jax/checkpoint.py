@@ -6,6 +6,7 @@ as JSON). A frozen reference is never saved: it is re-derived from its source (t
 final checkpoint, or the loaded / initialised model).
 """
 
+import json
 import os
 import shutil
 import sys
@@ -18,6 +19,10 @@ import orbax.checkpoint as ocp
 
 from dpo_jax.guards import check_finite
 from dpo_jax.models import ModelConfig, save_hf
+from dpo_jax.models.convert_peft import save_peft
+
+# In a LoRA stage's directory: the sha256 of the base its adapters are trained on.
+LORA_BASE_FILE = "lora_base.json"
 
 
 def make_manager(directory: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
@@ -157,6 +162,62 @@ def export_hf(directory: str, model_config: ModelConfig, params: Any) -> None:
     host = jax.tree.map(_to_host, params)
     if jax.process_index() == 0:
         save_hf(directory, model_config, host)
+
+
+def export_peft(
+    directory: str,
+    model_config: ModelConfig,
+    adapters: Any,
+    *,
+    rank,
+    alpha,
+    base_model,
+    base_fingerprint,
+) -> None:
+    """Writes LoRA adapters alone in PEFT's format (`dpo_jax.models.convert_peft`); every
+    process calls it, process 0 writes.
+
+    Raises:
+      NonFiniteParams: an adapter holds NaN or infinity (nothing is written).
+    """
+    check_finite(adapters, f"the adapter export to {directory}")
+    host = jax.tree.map(_to_host, adapters)
+    if jax.process_index() == 0:
+        save_peft(
+            directory,
+            model_config,
+            host,
+            rank=rank,
+            alpha=alpha,
+            base_model=base_model,
+            base_fingerprint=base_fingerprint,
+        )
+
+
+def check_lora_base(directory: str, fingerprint: str, has_checkpoints: bool) -> None:
+    """Records LoRA's base fingerprint in `directory`/lora_base.json, or, when the stage has
+    checkpoints to resume, refuses a base other than the one they were trained on.
+
+    Raises:
+      ValueError: naming the file and both fingerprints.
+    """
+    path = os.path.join(directory, LORA_BASE_FILE)
+    if has_checkpoints and os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)["base_fingerprint"]
+        if recorded != fingerprint:
+            raise ValueError(
+                f"{path}: the LoRA checkpoints in {directory} were trained on a base with "
+                f"sha256 {recorded[:16]}…, but the configured base has sha256 "
+                f"{fingerprint[:16]}…: resume with the base they were trained on, or use "
+                "another workdir"
+            )
+        return
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"base_fingerprint": fingerprint}, f)
+            f.write("\n")
 
 
 def _to_host(leaf: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from dpo_jax import lora
 from dpo_jax import reference as reference_lib
 from dpo_jax.data.pipeline import check_batching
 from dpo_jax.data.tokenize import check_limits
@@ -60,6 +61,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_model(config.model)
     _check_loss(config.dpo)
     _check_reference(config.dpo)
+    _check_lora(config)
     _check_optimizer(config)
     _check_data(config.data, config.optimizer.grad_accum_steps)
     _check_choice(config, "guards.on_nonfinite", ON_NONFINITE)
@@ -155,6 +157,30 @@ def _check_reference(dpo: ml_collections.ConfigDict) -> None:
         )
     if not 0 <= dpo.ref_sync_alpha <= 1:
         raise ValueError(f"config.dpo.ref_sync_alpha={dpo.ref_sync_alpha} must be in [0, 1]")
+
+
+def lora_targets(targets: str) -> tuple[str, ...]:
+    """config.lora.targets as a tuple of regexes."""
+    return tuple(pattern.strip() for pattern in targets.split(",") if pattern.strip())
+
+
+def _check_lora(config: ml_collections.ConfigDict) -> None:
+    lora_config, kind = config.lora, config.dpo.reference
+    if lora_config.rank == 0:
+        if kind == "adapters_off":
+            raise ValueError(
+                "config.dpo.reference='adapters_off' needs LoRA: set config.lora.rank >= 1"
+            )
+        return
+    lora.check_spec(
+        lora_config.rank, lora_config.alpha, lora_targets(lora_config.targets), lora_config.dropout
+    )
+    if kind not in ("adapters_off", "frozen"):
+        raise ValueError(
+            f"config.dpo.reference={kind!r} with config.lora.rank={lora_config.rank}: LoRA's "
+            "reference is its base with the adapters off (reference='adapters_off'), the one "
+            "copy of the base it holds anyway"
+        )
 
 
 def _check_optimizer(config: ml_collections.ConfigDict) -> None:

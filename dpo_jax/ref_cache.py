@@ -36,7 +36,8 @@ def _digest(*chunks: bytes) -> str:
     return hasher.hexdigest()
 
 
-def _params_digest(params: Any) -> str:
+def params_digest(params: Any) -> str:
+    """sha256 of every leaf's path, dtype, shape and bytes (gathered across processes)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -82,7 +83,7 @@ def fingerprint(
 ) -> dict[str, str]:
     """The components the reference log-probs depend on, each as a hex digest."""
     components = {
-        "reference weights": _params_digest(ref_params),
+        "reference weights": params_digest(ref_params),
         "tokenizer": _tokenizer_digest(tokenizer),
         "data settings": _digest(json.dumps(data_settings, sort_keys=True).encode()),
         "scoring": _digest(json.dumps(scoring, sort_keys=True).encode()),

@@ -14,9 +14,15 @@ call the functions below, which dispatch on it:
 - `PrecomputedReference(cache=path)`, the "cached" kind: the same, with the table read from or
   written to a file keyed by a fingerprint of everything the log-probs depend on.
 - `NoReference`: log π_ref taken as 0 (SimPO, SFT, reference-free DPO). Holds nothing.
+- `AdaptersOffReference` (LoRA): the base model with its adapters switched off. It holds the
+  one copy of the base params; the policy is that base plus the low-rank adapters the state
+  trains (`dpo_jax.lora`), so no second copy of the base exists.
 
-A new kind (adapters switched off, say) is a new class here and a new case in each
-function below; nothing in the step or the loop changes.
+What the state trains is the reference's business too: `trainable_init` makes the state's
+params from the model the stage starts from (the model itself, or fresh adapters), and
+`policy_params` turns the state's params back into the model's (the identity, or base +
+adapters merged). A new kind is a new class here and a new case in each function below;
+nothing in the step or the loop changes.
 
 The kind is a pytree node type, so it is static under `jax.jit`: each kind traces its own step,
 and the dispatch costs nothing at run time.
@@ -28,6 +34,8 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from dpo_jax import lora
 
 
 @flax.struct.dataclass
@@ -73,13 +81,35 @@ class NoReference:
     read it)."""
 
 
-Reference = FrozenReference | PrecomputedReference | MovingReference | NoReference
+@flax.struct.dataclass
+class AdaptersOffReference:
+    """LoRA: the reference is `base`, the model the stage starts from, with no adapters; the
+    policy is `base` with the state's adapters merged in (`dpo_jax.lora.merge`).
+
+    Attributes:
+      base: the base params (never donated, never checkpointed, never differentiated).
+      spec: the adapters' rank, alpha and target patterns.
+      seed: seeds the adapters' initial A.
+      base_fingerprint: sha256 of the base params (`ref_cache.params_digest`): a checkpoint of
+        adapters trained on another base is refused, and exports carry it.
+    """
+
+    base: Any
+    spec: lora.LoraSpec = flax.struct.field(pytree_node=False)
+    seed: int = flax.struct.field(pytree_node=False, default=0)
+    base_fingerprint: str = flax.struct.field(pytree_node=False, default="")
+
+
+Reference = (
+    FrozenReference | PrecomputedReference | MovingReference | NoReference | AdaptersOffReference
+)
 KINDS = {
     "frozen": FrozenReference,
     "precomputed": PrecomputedReference,
     "cached": PrecomputedReference,  # precomputed, kept on disk by fingerprint (ref_cache.py)
     "moving": MovingReference,
     "none": NoReference,
+    "adapters_off": AdaptersOffReference,  # LoRA (config.lora.rank > 0)
 }
 
 
@@ -99,7 +129,7 @@ def initial_state(reference: Reference, policy_params: Any) -> Any:
     match reference:
         case MovingReference():
             return policy_params
-        case FrozenReference() | PrecomputedReference() | NoReference():
+        case FrozenReference() | PrecomputedReference() | NoReference() | AdaptersOffReference():
             return None
     raise TypeError(f"not a reference kind: {type(reference).__name__}")
 
@@ -128,7 +158,7 @@ def reference_logps(
         reference that was not bound to its params.
     """
     match reference:
-        case FrozenReference(params=params):
+        case FrozenReference(params=params) | AdaptersOffReference(base=params):
             # stop_gradient twice as a guard: the step differentiates the policy params only.
             return jax.lax.stop_gradient(forward(jax.lax.stop_gradient(params)))
         case PrecomputedReference():
@@ -163,16 +193,54 @@ def advance(reference: Reference, reference_params: Any, policy_params: Any, ste
 
 
 def holds_params(reference: Reference) -> bool:
-    """Whether the reference value itself holds the params it was built from (a frozen one),
-    so they must stay alive: the state's initialiser may not donate them."""
-    return isinstance(reference, FrozenReference)
+    """Whether the reference value itself holds the params it was built from (a frozen one, or
+    LoRA's base), so they must stay alive: the state's initialiser may not donate them."""
+    return isinstance(reference, FrozenReference | AdaptersOffReference)
 
 
 def shardings(reference: Reference, param_shardings: Any) -> Any:
     """The `in_shardings` of a reference argument: its params like the policy's, if it has any."""
-    if isinstance(reference, FrozenReference):
-        return reference.replace(params=param_shardings)
+    match reference:
+        case FrozenReference():
+            return reference.replace(params=param_shardings)
+        case AdaptersOffReference():
+            return reference.replace(base=param_shardings)
     return reference
+
+
+def held_params(reference: Reference) -> Any:
+    """π_ref's params where the reference holds them after training (frozen: its params; LoRA:
+    the base), else None (a precomputed, moving or absent one keeps none of the start model)."""
+    match reference:
+        case FrozenReference(params=params) | AdaptersOffReference(base=params):
+            return params
+    return None
+
+
+def trainable_init(reference: Reference, params: Any) -> Any:
+    """The state's initial params from the model the stage starts from: that model for every
+    kind but LoRA's, whose state trains fresh adapters over the base (B = 0: the same model)."""
+    if isinstance(reference, AdaptersOffReference):
+        return lora.init_adapters(params, reference.spec, jax.random.key(reference.seed))
+    return params
+
+
+def policy_params(reference: Reference, trainable: Any) -> Any:
+    """The policy's model params from the state's params: the identity, or LoRA's base with the
+    adapters merged in (differentiable in the adapters only)."""
+    if isinstance(reference, AdaptersOffReference):
+        base = jax.lax.stop_gradient(reference.base)
+        return lora.merge(base, trainable, reference.spec)
+    return trainable
+
+
+def trainable_shardings(reference: Reference, param_shardings: Any, replicated: Any) -> Any:
+    """The shardings of the state's params: the model's, or LoRA's adapters replicated (they
+    are r·(in + out) per kernel: small enough for every device to hold whole)."""
+    if isinstance(reference, AdaptersOffReference):
+        abstract = jax.eval_shape(lambda: trainable_init(reference, reference.base))
+        return jax.tree.map(lambda _: replicated, abstract)
+    return param_shardings
 
 
 def state_shardings(reference: Reference, param_shardings: Any) -> Any:

@@ -74,10 +74,11 @@ class Context:
 def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage):
     """The step-0 TrainState of a stage that starts from `params` (a pure function to jit)."""
     bco = jnp.zeros((), jnp.float32) if stage.options.uses_bco else None
+    trainable = reference_lib.trainable_init(stage.reference, params)  # LoRA: fresh adapters
     return step_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
+        params=trainable,
+        opt_state=tx.init(trainable),
         # A moving reference starts as the initial policy, in buffers of its own (at most one
         # jit output can take over a donated input's buffers).
         reference_params=reference_lib.initial_state(stage.reference, params),
@@ -89,22 +90,29 @@ def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage
 def state_shardings(abstract_state: step_lib.TrainState, stage: Stage, ctx: Context):
     """The NamedSharding of every leaf of the state: params by rule, optimizer state like them."""
     replicated = sharding.replicated(ctx.mesh)
+    trainable = trainable_shardings(stage, ctx)
     opt_shardings = optax.tree_map_params(
         stage.tx,
         lambda _, param_sharding: param_sharding,
         abstract_state.opt_state,
-        ctx.param_shardings,
+        trainable,
         transform_non_params=lambda _: replicated,
     )
     bco = replicated if stage.options.uses_bco else None
     return step_lib.TrainState(
         step=replicated,
-        params=ctx.param_shardings,
+        params=trainable,
         opt_state=opt_shardings,
         reference_params=reference_lib.state_shardings(stage.reference, ctx.param_shardings),
         bco_running_mean=bco,
         bco_running_count=bco,
     )
+
+
+def trainable_shardings(stage: Stage, ctx: Context) -> Any:
+    """The shardings of the state's params: the model's, or LoRA's adapters (replicated)."""
+    replicated = sharding.replicated(ctx.mesh)
+    return reference_lib.trainable_shardings(stage.reference, ctx.param_shardings, replicated)
 
 
 def _placed_init(stage: Stage, initial_params: Any, ctx: Context):
@@ -190,7 +198,7 @@ def compile_eval(stage: Stage, ctx: Context, sample_batch: dict):
     return jax.jit(
         evaluate,
         in_shardings=(
-            ctx.param_shardings,
+            trainable_shardings(stage, ctx),
             reference_lib.shardings(stage.reference, ctx.param_shardings),
             reference_lib.state_shardings(stage.reference, ctx.param_shardings),
             sharding.batch_shardings(sample_batch, ctx.mesh),
@@ -204,7 +212,7 @@ def evaluate(stage: Stage, params: Any, reference_params: Any, ctx: Context) -> 
 
     Args:
       stage: the stage (its reference and eval batches).
-      params: the policy params to evaluate.
+      params: the state's params to evaluate (the policy's, or LoRA's adapters).
       reference_params: `TrainState.reference_params` (the moving reference's current params),
         or, before training, `dpo_jax.reference.initial_state(stage.reference, params)`.
       ctx: the shared context.
@@ -259,6 +267,9 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
         keep=ctx.checkpoint_keep,
         every_steps=ctx.checkpoint_every,
     )
+    if isinstance(stage.reference, reference_lib.AdaptersOffReference):
+        has_checkpoints = manager.latest_step() is not None
+        checkpoint.check_lora_base(directory, stage.reference.base_fingerprint, has_checkpoints)
     state, rng, data_state = restore_or_init(manager, stage, initial_params, ctx)
     start = int(jax.device_get(state.step))
     if data_state is not None:

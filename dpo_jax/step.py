@@ -43,8 +43,9 @@ class TrainState:
 
     Attributes:
       step: [] int32, optimizer updates done.
-      params: the policy's params (a nested dict of arrays).
-      opt_state: optax state of the policy params only.
+      params: what the step trains (a nested dict of arrays): the policy's params, or LoRA's
+        adapters (`dpo_jax.reference.policy_params` gives the model's params from them).
+      opt_state: optax state of `params` only.
       reference_params: the reference's part of the state, `dpo_jax.reference.initial_state`:
         the moving reference's params with TR-DPO (checkpointed with the state), else None (a
         frozen reference is the step's `reference` argument, never part of the state).
@@ -182,8 +183,9 @@ def loss_and_metrics(
     """The preference (or SFT) loss of a batch, and TRL's metrics.
 
     Args:
-      params: policy params (differentiated).
-      reference: a bound reference (`dpo_jax.reference.bind`): frozen, precomputed or none.
+      params: the state's params (differentiated): the policy's, or LoRA's adapters.
+      reference: a bound reference (`dpo_jax.reference.bind`): frozen, precomputed, none or
+        adapters_off (whose base the adapters are merged into).
       batch: tokens, response_mask, positions, segment_ids [B, 2, T]; pair_mask [B, S];
         optionally ref_logps [B, 2, S].
       bco_state: (running mean, running count) for bco_pair, else None.
@@ -196,7 +198,7 @@ def loss_and_metrics(
     """
     policy = logprob_fn(
         apply_fn,
-        params,
+        reference_lib.policy_params(reference, params),  # LoRA: base + adapters
         batch,
         logits_chunk_size=options.logits_chunk_size,
         final_logit_softcapping=options.final_logit_softcapping,

@@ -88,8 +88,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # once and released by a precomputed one, copied into the state by a moving one.
     dpo_stage = make_dpo_stage(config, tokenizer, ctx, sources, params, data_counts)
     initial_ref_state = reference_lib.initial_state(dpo_stage.reference, params)
-    before = evaluate(dpo_stage, params, initial_ref_state, ctx)
-    del initial_ref_state
+    initial_trainable = reference_lib.trainable_init(dpo_stage.reference, params)
+    before = evaluate(dpo_stage, initial_trainable, initial_ref_state, ctx)
+    del initial_ref_state, initial_trainable
     dpo_state, train_history = run_stage(dpo_stage, params, ctx)  # consumes params
     del params
     after = evaluate(dpo_stage, dpo_state.params, dpo_state.reference_params, ctx)
@@ -98,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     if config.checkpoint.export_hf:  # every process gathers; process 0 writes
-        checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, dpo_state.params)
+        export(config, workdir, model_config, dpo_stage.reference, dpo_state.params)
     summary = {
         "sft": sft_summary,
         "before_dpo": before,
@@ -249,6 +250,32 @@ def _born_sharded(source: Any, where: jax.sharding.Sharding) -> jax.Array:
     )
 
 
+def export(config, workdir: str, model_config: ModelConfig, reference: Any, trainable) -> None:
+    """<workdir>/hf: the trained model in transformers' format (LoRA's merged into its base).
+
+    With LoRA also <workdir>/peft, the adapters alone in PEFT's format, whose
+    `base_model_name_or_path` is the configured HF directory, or <workdir>/hf_base (the base
+    written there) when the base was trained here or came from a GGUF or a random init.
+    """
+    policy = reference_lib.policy_params(reference, trainable)
+    checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, policy)
+    if not isinstance(reference, reference_lib.AdaptersOffReference):
+        return
+    base_model = config.model.hf_path
+    if config.sft.num_steps or config.model.source != "hf":
+        base_model = os.path.join(workdir, "hf_base")
+        checkpoint.export_hf(base_model, model_config, reference.base)
+    checkpoint.export_peft(
+        os.path.join(workdir, "peft"),
+        model_config,
+        trainable,
+        rank=reference.spec.rank,
+        alpha=reference.spec.alpha,
+        base_model=base_model,
+        base_fingerprint=reference.base_fingerprint,
+    )
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -256,7 +283,7 @@ def generation_summary(config, model_config, tokenizer, records, stage: Stage, s
     """Greedy exact match of π_ref and π_θ, and KL(π_θ ‖ π_ref), on held-out synthetic prompts.
 
     Only on the synthetic task (it knows the right answers), on one process, with a frozen
-    reference (the one kind that still holds π_ref's params after training); else {}.
+    reference or LoRA's (the kinds that still hold π_ref's params after training); else {}.
     """
     if config.data.source != "synthetic" or records is None or jax.process_count() > 1:
         return {}
@@ -264,8 +291,8 @@ def generation_summary(config, model_config, tokenizer, records, stage: Stage, s
         return {}
     return evaluation.compare_to_reference(
         model_config,
-        state.params,
-        stage.reference.params,
+        reference_lib.policy_params(stage.reference, state.params),
+        reference_lib.held_params(stage.reference),
         tokenizer,
         records,
         rng=jax.random.key(config.seed),

@@ -330,6 +330,17 @@ def hf_tensors_from_params(config: ModelConfig, params: Params) -> dict[str, np.
     return tensors
 
 
+def linear_weight_names(config: ModelConfig) -> dict[tuple[str, int | None], str]:
+    """{(param path as "layers/attn/q_kernel", layer or None): transformers' weight name} of
+    every Linear weight ("model.layers.0.self_attn.q_proj.weight"); each is the transpose of
+    the param's [in, out] reshape (what LoRA's factors are written against)."""
+    return {
+        ("/".join(spec.path), spec.layer): spec.hf_name
+        for spec in _specs(config)
+        if spec.transposed and spec.hf_name.endswith(".weight")
+    }
+
+
 class _LazyTensor:
     """A tensor in a safetensors file: shape from the header, data read by `np.asarray`."""
 

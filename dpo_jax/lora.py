@@ -1,0 +1,185 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) as pure functions of params pytrees.
+
+A targeted linear kernel W (any of the model's, stored [*in, *out], with a leading layers axis in
+the scanned stack) gets two small matrices, A [in, r] and B [r, out], and the policy's kernel is
+
+    W' = W + (alpha / r) · A @ B          (reshaped to W's shape)
+
+B starts at zero, so at step 0 the policy is the base model exactly; A starts as PEFT's default
+(kaiming-uniform with a = √5: uniform in ±1/√in). Only A and B are trained; W is never written.
+
+Why merged weights rather than `x·W + (x·A)·B` inside each layer: the merge is one function of
+the params pytree, so it works unchanged for every model family, with the scanned layers, with
+sharding rules, with decoding and with export (the merged model is `merge`'s output), and the
+model code knows nothing of adapters. It costs a transient copy of the targeted kernels (W' and
+its gradient, float32) in the step; the base itself is held once. `qwix` (Google's JAX LoRA) was
+considered: it intercepts a module's einsum and creates the adapter params lazily on the first
+call, which does not reach through our `jax.lax.scan` over stacked layers (each step's block is a
+fresh module merged from a slice), so it would need the model rebuilt around it. Dropout on the
+adapter path needs the unmerged form and is not offered (`check_spec` says so).
+
+Adapters are a nested dict shaped like the params it adapts:
+`{"layers": {"attn": {"q_kernel": {"lora_a": [L, D, r], "lora_b": [L, r, H·Dh]}}}}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# The linear kernels LoRA can adapt, by leaf name, and how many of their leading axes (after
+# the layers axis) are inputs; the rest are outputs. The layout is transformer._LOGICAL_AXES'.
+KERNEL_INPUT_AXES = {
+    "q_kernel": 1,  # [D, H, Dh]
+    "k_kernel": 1,  # [D, K, Dh]
+    "v_kernel": 1,  # [D, K, Dh]
+    "o_kernel": 2,  # [H, Dh, D]
+    "gate_kernel": 1,  # [D, F]
+    "up_kernel": 1,  # [D, F]
+    "down_kernel": 1,  # [F, D]
+    "lm_head": 1,  # [D, V] (untied models only)
+}
+# The stacked decoder layers' subtree: its kernels carry a leading layers axis.
+LAYERS_KEY = "layers"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What to adapt and how (hashable: static under jit).
+
+    Attributes:
+      rank: r, the adapters' inner size (>= 1).
+      alpha: the delta is scaled by alpha / rank (PEFT's `lora_alpha`; not rsLoRA's √r).
+      targets: regular expressions searched in each param's path ("layers/attn/q_kernel");
+        a linear kernel matching any of them is adapted.
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def check_spec(rank: int, alpha: float, targets: tuple[str, ...], dropout: float = 0.0) -> None:
+    """Raises ValueError naming the config field of a bad LoRA setting."""
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"config.lora.rank={rank!r} must be an integer >= 1 (0 turns LoRA off)")
+    if not alpha > 0:
+        raise ValueError(f"config.lora.alpha={alpha!r} must be > 0")
+    if not targets:
+        raise ValueError("config.lora.targets is empty: name the linear layers to adapt")
+    for pattern in targets:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"config.lora.targets: {pattern!r} is not a regex ({err})") from err
+    if dropout:
+        raise ValueError(
+            f"config.lora.dropout={dropout!r}: only 0 is supported (the adapters are merged into "
+            "the weights, W + s·A·B, so they see the base's input and cannot drop their own)"
+        )
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    """A params path as "layers/attn/q_kernel"."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def _linear_paths(params: Any) -> dict[str, Any]:
+    """{path name: leaf} of every linear kernel LoRA can adapt."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {
+        path_name(path): leaf
+        for path, leaf in leaves
+        if str(getattr(path[-1], "key", path[-1])) in KERNEL_INPUT_AXES
+    }
+
+
+def target_paths(params: Any, spec: LoraSpec) -> tuple[str, ...]:
+    """The path names of the kernels `spec` adapts, in params order.
+
+    Raises:
+      ValueError: a pattern that matches no linear kernel (the message lists them).
+    """
+    linear = list(_linear_paths(params))
+    for pattern in spec.targets:
+        if not any(re.search(pattern, name) for name in linear):
+            raise ValueError(
+                f"config.lora.targets: {pattern!r} matches no linear layer of this model; "
+                f"its linear layers: {', '.join(linear)}"
+            )
+    return tuple(n for n in linear if any(re.search(p, n) for p in spec.targets))
+
+
+def _factor_shapes(name: str, shape: tuple[int, ...], rank: int):
+    """(A's shape, B's shape) for a kernel of `shape` at path `name`."""
+    layered = name.split("/")[0] == LAYERS_KEY
+    lead = shape[:1] if layered else ()
+    axes = shape[len(lead) :]
+    num_in = KERNEL_INPUT_AXES[name.split("/")[-1]]
+    fan_in, fan_out = math.prod(axes[:num_in]), math.prod(axes[num_in:])
+    return (*lead, fan_in, rank), (*lead, rank, fan_out)
+
+
+def _set(tree: dict, name: str, value: Any) -> None:
+    *parents, leaf = name.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def init_adapters(params: Any, spec: LoraSpec, rng: jax.Array) -> dict[str, Any]:
+    """Fresh float32 adapters for `params`: A uniform in ±1/√in (PEFT's default), B zeros.
+
+    Args:
+      params: the base params (arrays or ShapeDtypeStructs: only shapes are read).
+      spec: what to adapt.
+      rng: a PRNG key; each kernel's A draws from `fold_in(rng, its index)`.
+    """
+    adapters: dict[str, Any] = {}
+    kernels = _linear_paths(params)
+    for index, name in enumerate(target_paths(params, spec)):
+        a_shape, b_shape = _factor_shapes(name, kernels[name].shape, spec.rank)
+        bound = 1.0 / math.sqrt(a_shape[-2])
+        key = jax.random.fold_in(rng, index)
+        lora_a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+        _set(adapters, name, {"lora_a": lora_a, "lora_b": jnp.zeros(b_shape, jnp.float32)})
+    return adapters
+
+
+def delta(adapter: dict[str, jax.Array], shape: tuple[int, ...], scale: float) -> jax.Array:
+    """scale · A @ B reshaped to the kernel's `shape`, float32."""
+    product = jnp.einsum("...ir,...ro->...io", adapter["lora_a"], adapter["lora_b"])
+    return (scale * product).reshape(shape)
+
+
+def merge(base: Any, adapters: dict[str, Any], spec: LoraSpec) -> Any:
+    """The policy's params: `base` with W + (alpha / r)·A@B at each adapted kernel.
+
+    Adapted kernels come out float32 (the model casts them to its compute dtype, as it does
+    every param), so a small delta is not rounded away into a bfloat16 base. With B = 0 the
+    result equals `base` exactly. Pure: `base` is read, never written.
+    """
+
+    def merged(path, kernel):
+        node = adapters
+        for key in path:
+            node = node.get(str(getattr(key, "key", key))) if isinstance(node, dict) else None
+        if node is None:
+            return kernel
+        return kernel.astype(jnp.float32) + delta(node, kernel.shape, spec.scale)
+
+    return jax.tree_util.tree_map_with_path(merged, base)
+
+
+def num_params(tree: Any) -> int:
+    """Elements in a pytree of arrays (or ShapeDtypeStructs)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
