@@ -138,6 +138,10 @@ def test_mesh_that_does_not_fit_the_devices():
         (dict(dpo__beta=0.0), r"config.dpo \(loss_type='sigmoid'\): beta=0.0"),
         (dict(data__max_length=1), r"config.data: max_length=1 must be an int >= 2"),
         (dict(data__truncation_mode="middle"), r"config.data: truncation_mode='middle'"),
+        (
+            dict(data__on_boundary_problem="warn"),
+            r"config.data: on_boundary_problem='warn' must be one of \('error', 'skip'\)",
+        ),
         (dict(guards__on_nonfinite="ignore"), r"config.guards.on_nonfinite='ignore'; allowed"),
         (dict(checkpoint__keep=0), r"config.checkpoint.keep=0 must be >= 1"),
         (dict(model__dtype="float16"), r"config.model.dtype='float16'; allowed"),
