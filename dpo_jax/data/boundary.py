@@ -20,7 +20,10 @@ conversation, prompt + response is the chat template's rendering of the whole co
      the same place (special tokens are split out of the text before the model's pieces, so the
      places line up), and bos never past the row's first token, whatever the text says (the
      model never sees bos mid-sequence at inference).
-  3. eos: a response never ends in two eos, and a non-conversational response holds eos only as
+  3. bos: never inside a response, wherever in it ("a" "▁" "<bos>" "x" has it one token past
+     the boundary); a prompt may hold more than its first (a multi-turn Llama 2 template writes
+     one per user turn), as its whole text does.
+  4. eos: a response never ends in two eos, and a non-conversational response holds eos only as
      its last token.
 """
 
@@ -100,7 +103,22 @@ def find_problem(
                 f"special token {show([token], tokenizer)} is the {side} (row position "
                 f"{position}) where the whole text has {theirs}"
             )
-    return _eos_problem(response_ids, tokenizer, conversational)
+    return _bos_problem(response_ids, tokenizer) or _eos_problem(
+        response_ids, tokenizer, conversational
+    )
+
+
+def _bos_problem(response_ids: list[int], tokenizer: Any) -> str | None:
+    bos = tokenizer.bos_id
+    # A tokenizer whose bos is its eos (GPT-2's <|endoftext|>) ends each response with it.
+    body = response_ids[:-1] if bos == tokenizer.eos_id else response_ids
+    if bos is None or bos not in body:
+        return None
+    at = body.index(bos)
+    return (
+        f"bos {show([bos], tokenizer)} inside the response at token {at}: "
+        f"{show(response_ids[max(at - 2, 0) : at + 3], tokenizer)}"
+    )
 
 
 def _eos_problem(response_ids: list[int], tokenizer: Any, conversational: bool) -> str | None:

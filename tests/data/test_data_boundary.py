@@ -60,6 +60,12 @@ def test_a_response_that_starts_with_the_bos_string_is_an_error(boundary):
         _tokenize([GOOD, record], boundary=boundary)
 
 
+def test_a_bos_string_inside_a_response_is_an_error():
+    record = {"prompt": "a b", "chosen": " c <bos> d", "rejected": " d"}
+    with pytest.raises(BoundaryError, match=r"data.jsonl:1: chosen row.*bos \['<bos>'=1\] inside"):
+        _tokenize([record])
+
+
 def test_a_response_ending_in_the_eos_string_gets_one_eos():
     # _with_eos appends eos only when the response does not already end with it.
     record = {"prompt": "a b", "chosen": "c <eos>", "rejected": "d"}
