@@ -275,38 +275,21 @@ def tokenize_records(
     Raises:
       ValueError, TypeError: a malformed record or an invalid limit (see `normalize_record`).
     """
-    check_limits(
-        max_length,
-        max_prompt_length,
-        truncation_mode,
-        prompt_too_long,
-        boundary,
-        on_boundary_problem,
+    limits = dict(
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+        prompt_too_long=prompt_too_long,
+        boundary=boundary,
+        on_boundary_problem=on_boundary_problem,
     )
+    check_limits(**limits)
     stats = DataStats()
     pairs = []
     for raw in raw_records:
-        text = _normalized(
-            normalize_record,
-            raw,
-            tokenizer,
-            stats,
-            on_boundary_problem,
-            response_marker=response_marker,
-        )
-        if text is None:
-            continue
-        pair = tokenize_pair(
-            text,
-            tokenizer,
-            stats,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            truncation_mode=truncation_mode,
-            prompt_too_long=prompt_too_long,
-            boundary=boundary,
-            on_boundary_problem=on_boundary_problem,
-        )
+        options = dict(response_marker=response_marker)
+        text = _normalized(normalize_record, raw, tokenizer, stats, on_boundary_problem, **options)
+        pair = None if text is None else tokenize_pair(text, tokenizer, stats, **limits)
         if pair is not None:
             pairs.append(pair)
     return pairs, stats
@@ -349,14 +332,6 @@ def tokenize_unpaired_records(
       ValueError, TypeError: a malformed record (`records.normalize_unpaired_record`: a missing
         or non-boolean label names the record), an invalid limit, or kl_group_size < 2.
     """
-    check_limits(
-        max_length,
-        max_prompt_length,
-        truncation_mode,
-        prompt_too_long,
-        boundary,
-        on_boundary_problem,
-    )
     if not isinstance(kl_group_size, int) or kl_group_size < 2:
         raise ValueError(
             f"kl_group_size={kl_group_size!r} must be an int >= 2 (KTO's reference point needs "
@@ -370,6 +345,7 @@ def tokenize_unpaired_records(
         boundary=boundary,
         on_boundary_problem=on_boundary_problem,
     )
+    check_limits(**limits)
     stats = DataStats()
     kept = []
     for raw in raw_records:
