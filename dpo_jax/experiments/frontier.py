@@ -8,9 +8,12 @@ The paper's IMDb setup, with each part replaced by one this CPU can run in minut
 - preference pairs: two completions sampled from π_ref per training prompt, labelled by
   Bradley–Terry on the true reward, p(y1 ≻ y2) = σ(s·(r(y1) − r(y2))) with scale s;
 - policies: DPO at several β; Preferred-FT (SFT from π_ref on the chosen completions);
-  best-of-N from π_ref (N = 1, 2, 4, ...), whose KL is log N − (N − 1)/N (Stiennon et al. 2020);
+  best-of-N from π_ref (N = 1, 2, 4, ...), its KL estimated with ties counted (the analytic
+  log N − (N − 1)/N of Stiennon et al. 2020 is an upper bound, reached only without ties);
 - each trained policy is scored on held-out prompts by one temperature-1 sample per prompt:
-  its mean true reward and the sequence-level KL(π ‖ π_ref) of those samples.
+  its mean true reward and the sequence-level KL(π ‖ π_ref) of those samples;
+- the curve no policy can beat, π_ref·exp(r/τ)/Z, estimated from π_ref's draws, and each
+  method's reward at matched KL, differenced prompt by prompt (`frontier_analysis`).
 
 Every model is trained by `dpo_jax.train.train_and_evaluate`, the main job's entry point.
 """
@@ -31,22 +34,52 @@ import numpy as np
 
 from dpo_jax import evaluation, sampling
 from dpo_jax.data import synthetic
+from dpo_jax.experiments.frontier_analysis import (
+    COMPARISON_FIELDS,
+    best_of_n,
+    compare,
+    kl_optimal_curve,
+    stderr,
+)
 from dpo_jax.models import load_hf
 from dpo_jax.train import train_and_evaluate
 
-CSV_FIELDS = ("method", "setting", "reward", "reward_stderr", "kl", "kl_stderr")
+CSV_FIELDS = ("method", "setting", "reward", "reward_stderr", "kl", "kl_stderr", "kl_bound")
+# τ of the KL-optimal curve, from near π_ref (KL ≈ 0) to near the best draw (KL ≈ log draws)
+OPTIMAL_TEMPERATURES = (
+    3.0,
+    1.0,
+    0.5,
+    0.3,
+    0.2,
+    0.15,
+    0.12,
+    0.1,
+    0.08,
+    0.06,
+    0.05,
+    0.04,
+    0.03,
+    0.02,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class FrontierSettings:
-    """The experiment's knobs (defaults: about five minutes on a 2-core CPU)."""
+    """The experiment's knobs (defaults: about seven minutes on a 2-core CPU)."""
 
-    betas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # DPO's β values
+    betas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0)  # DPO's β values
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)  # N of best-of-N
+    # π_ref samples per held-out prompt that estimate best-of-N's KL and the KL-optimal curve
+    # (≥ max(best_of); best-of-N's reward reads the first N of them)
+    reference_draws: int = 64
     sft_steps: int = 120  # SFT steps that build π_ref (few: π_ref should be often wrong)
-    tune_steps: int = 150  # steps of each DPO and Preferred-FT run
-    num_train_prompts: int = 8192  # prompts whose two sampled completions make a pair
-    num_eval_prompts: int = 256  # held-out prompts each policy is scored on
+    # Steps × batch_size ≈ the number of pairs (about half the prompts): one pass, so that no
+    # pair is fitted twice (with 4 passes over fewer pairs DPO spent KL on them, not on reward)
+    tune_steps: int = 256  # steps of each DPO and Preferred-FT run
+    batch_size: int = 64  # pairs per step of each DPO and Preferred-FT run
+    num_train_prompts: int = 32768  # prompts whose two sampled completions make a pair
+    num_eval_prompts: int = 1024  # held-out prompts each policy is scored on
     reward: str = "high_digits"  # the true reward, a name in evaluation.REWARD_FUNCTIONS
     reward_scale: float = 10.0  # s of Bradley–Terry on the true reward
     learning_rate: float = 1e-4  # of DPO and Preferred-FT (AdamW, the main job's DPO rate)
@@ -124,7 +157,12 @@ def make_pairs(model_config, ref_params, tokenizer, prompts, settings, rng) -> l
 
 
 def score_policy(model_config, params, *, ref_params, tokenizer, prompts, reward, rng) -> dict:
-    """Mean true reward and KL(π ‖ π_ref) of one temperature-1 sample per prompt."""
+    """Mean true reward and KL(π ‖ π_ref) of one temperature-1 sample per prompt.
+
+    Returns:
+      The CSV fields reward, reward_stderr, kl, kl_stderr, and the per-prompt values they are
+      means of: "prompt_rewards" [prompts] and "prompt_kls" [prompts] (log π − log π_ref).
+    """
     prompt_ids = [sampling.encode_prompt(tokenizer, p) for p in prompts]
     samples = evaluation.sample_completions(
         model_config,
@@ -149,17 +187,19 @@ def score_policy(model_config, params, *, ref_params, tokenizer, prompts, reward
     )
     return {
         "reward": float(rewards.mean()),
-        "reward_stderr": float(rewards.std(ddof=1) / math.sqrt(len(rewards))),
+        "reward_stderr": stderr(rewards),
         "kl": kl.mean,
         "kl_stderr": kl.stderr,
+        "prompt_rewards": rewards,
+        "prompt_kls": np.asarray(kl.log_ratios, np.float64),
     }
 
 
-def best_of_n(model_config, ref_params, tokenizer, prompts, best_of, reward, rng) -> list[dict]:
-    """Best-of-N from π_ref: the mean over prompts of the best of N samples' true reward."""
+def reference_rewards(model_config, ref_params, tokenizer, prompts, draws, reward, rng):
+    """[draws, prompts] true rewards of independent π_ref samples for each prompt."""
     prompt_ids = [sampling.encode_prompt(tokenizer, p) for p in prompts]
-    rewards = np.zeros((max(best_of), len(prompts)))
-    for draw in range(max(best_of)):
+    rewards = np.zeros((draws, len(prompts)))
+    for draw in range(draws):
         samples = evaluation.sample_completions(
             model_config,
             ref_params,
@@ -172,20 +212,7 @@ def best_of_n(model_config, ref_params, tokenizer, prompts, best_of, reward, rng
         )
         texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
         rewards[draw] = [reward(p, t) for p, t in zip(prompts, texts, strict=True)]
-    rows = []
-    for n in best_of:
-        best = rewards[:n].max(axis=0)  # [prompts]
-        rows.append(
-            {
-                "method": "best-of-N",
-                "setting": f"N={n}",
-                "reward": float(best.mean()),
-                "reward_stderr": float(best.std(ddof=1) / math.sqrt(len(best))),
-                "kl": math.log(n) - (n - 1) / n,  # the analytic KL of best-of-N
-                "kl_stderr": 0.0,
-            }
-        )
-    return rows
+    return rewards
 
 
 def _tuning_runs(settings: FrontierSettings, reference_dir: str, pairs_path: str):
@@ -196,6 +223,7 @@ def _tuning_runs(settings: FrontierSettings, reference_dir: str, pairs_path: str
         "data.source": pairs_path,
         "data.eval_source": "",
         "optimizer.learning_rate": settings.learning_rate,
+        "data.batch_size": settings.batch_size,
     }
     runs = [
         (
@@ -219,22 +247,50 @@ def _write_pairs(pairs: list[dict], path: str) -> None:
         f.writelines(json.dumps(pair) + "\n" for pair in pairs)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrontierResult:
+    """What `run_frontier` measured.
+
+    Attributes:
+      rows: one per policy: CSV_FIELDS (kl_bound for best-of-N only), and the per-prompt
+        "prompt_rewards" and "prompt_kls" [eval prompts] they average.
+      optimal: the KL-optimal curve's rows (`kl_optimal_curve`), one per τ.
+      comparisons: matched-KL differences, DPO minus the others (`compare`).
+    """
+
+    rows: list[dict]
+    optimal: list[dict]
+    comparisons: list[dict]
+
+
+def check_settings(settings: FrontierSettings) -> None:
+    """Raises ValueError when reference_draws < max(best_of)."""
+    if settings.reference_draws < max(settings.best_of):
+        raise ValueError(
+            f"reference_draws={settings.reference_draws} must be >= max(best_of)="
+            f"{max(settings.best_of)}: best-of-N reads the first N draws"
+        )
+
+
 def run_frontier(
     base_config: ml_collections.ConfigDict,
     out_dir: str,
     settings: FrontierSettings = FrontierSettings(),
-) -> list[dict]:
-    """Runs the whole experiment; writes frontier.csv and frontier.png to `out_dir`.
+) -> FrontierResult:
+    """Runs the whole experiment; writes frontier.csv, frontier_matched.csv and frontier.png.
 
     Args:
       base_config: the main job's config (configs/default.py); model and optimizer come from it.
-      out_dir: where the runs (under runs/), pairs.jsonl, the CSV and the PNG go.
+      out_dir: where the runs (under runs/), pairs.jsonl, the CSVs and the PNG go.
       settings: the experiment's knobs.
 
     Returns:
-      One row per policy: method, setting, reward (mean true reward of one sample per held-out
-      prompt), reward_stderr, kl (nats per sequence), kl_stderr.
+      The policies' rows, the KL-optimal curve and the matched-KL comparisons (FrontierResult).
+
+    Raises:
+      ValueError: reference_draws < max(best_of).
     """
+    check_settings(settings)
     base = _quiet(base_config, settings.seed)
     tokenizer = synthetic.make_tokenizer()
     reward = evaluation.reward_fn(settings.reward)
@@ -242,22 +298,9 @@ def run_frontier(
     reference_dir = os.path.join(out_dir, "runs", "reference")
     reference_run = _run_config(base, **{"sft.num_steps": settings.sft_steps, "dpo.num_steps": 0})
     model_config, ref_params = _train(reference_run, reference_dir)
-
-    train_records = synthetic.make_records(settings.num_train_prompts, settings.seed)
+    pairs_path = _make_pairs_file(model_config, ref_params, tokenizer, settings, out_dir, rng)
     eval_records = synthetic.make_records(settings.num_eval_prompts, settings.seed, split="eval")
     eval_prompts = [r["prompt"] for r in eval_records]
-    pairs = make_pairs(
-        model_config,
-        ref_params,
-        tokenizer,
-        [r["prompt"] for r in train_records],
-        settings,
-        jax.random.fold_in(rng, 1),
-    )
-    pairs_path = os.path.join(out_dir, "pairs.jsonl")
-    _write_pairs(pairs, pairs_path)
-    print(f"[frontier] {len(pairs)} labelled pairs from {len(train_records)} prompts")
-
     score = functools.partial(
         score_policy,
         model_config,
@@ -274,78 +317,139 @@ def run_frontier(
         name = f"{method}_{setting}".strip("_").replace("=", "")
         _, params = _train(_run_config(base, **fields), os.path.join(out_dir, "runs", name))
         rows.append({"method": method, "setting": setting, **score(params)})
-        print(
-            f"[frontier] {method} {setting}: "
-            + ", ".join(f"{k} {rows[-1][k]:.3f}" for k in ("reward", "kl"))
-        )
-    rows += best_of_n(
+        print(f"[frontier] {method} {setting}: " + _summary(rows[-1]))
+    draw_rewards = reference_rewards(  # [reference_draws, eval prompts]
         model_config,
         ref_params,
         tokenizer,
         eval_prompts,
-        settings.best_of,
+        settings.reference_draws,
         reward,
         jax.random.fold_in(rng, 3),
     )
-    csv_path, png_path = (os.path.join(out_dir, f"frontier.{ext}") for ext in ("csv", "png"))
-    write_results(rows, csv_path, png_path)
-    return rows
+    rows += best_of_n(draw_rewards, settings.best_of)
+    optimal = kl_optimal_curve(draw_rewards, OPTIMAL_TEMPERATURES)
+    result = FrontierResult(rows, optimal, compare(rows, optimal))
+    write_results(result, out_dir)
+    return result
 
 
-def format_table(rows: list[dict]) -> str:
-    """The rows as a fixed-width table."""
+def _summary(row: dict) -> str:
+    return ", ".join(f"{k} {row[k]:.3f}" for k in ("reward", "kl"))
+
+
+def _make_pairs_file(model_config, ref_params, tokenizer, settings, out_dir, rng) -> str:
+    """Labels pairs of π_ref samples on the training prompts; returns the .jsonl path."""
+    train_records = synthetic.make_records(settings.num_train_prompts, settings.seed)
+    pairs = make_pairs(
+        model_config,
+        ref_params,
+        tokenizer,
+        [r["prompt"] for r in train_records],
+        settings,
+        jax.random.fold_in(rng, 1),
+    )
+    pairs_path = os.path.join(out_dir, "pairs.jsonl")
+    _write_pairs(pairs, pairs_path)
+    print(f"[frontier] {len(pairs)} labelled pairs from {len(train_records)} prompts")
+    return pairs_path
+
+
+def format_table(result: FrontierResult) -> str:
+    """The policies and the matched-KL comparisons as fixed-width tables."""
     lines = [f"{'method':<15}{'setting':<10}{'reward':>9}{'± se':>8}{'KL nats':>10}{'± se':>8}"]
     lines.append("-" * len(lines[0]))
-    for row in rows:
+    for row in result.rows:
+        bound = f"   (bound {row['kl_bound']:.3f})" if "kl_bound" in row else ""
         lines.append(
             f"{row['method']:<15}{row['setting']:<10}{row['reward']:>9.3f}"
-            f"{row['reward_stderr']:>8.3f}{row['kl']:>10.3f}{row['kl_stderr']:>8.3f}"
+            f"{row['reward_stderr']:>8.3f}{row['kl']:>10.3f}{row['kl_stderr']:>8.3f}{bound}"
+        )
+    lines += ["", f"{'DPO minus':<38}{'at KL':>8}{'difference':>12}{'± se':>8}"]
+    for item in result.comparisons:
+        lines.append(
+            f"{item['policy'] + ' − ' + item['against']:<38}{item['kl']:>8.3f}"
+            f"{item['difference']:>12.3f}{item['stderr']:>8.3f}"
         )
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], csv_path: str, png_path: str) -> None:
-    """The rows as CSV (CSV_FIELDS) and the reward-vs-KL plot as PNG."""
+def _write_csv(path: str, fields: tuple[str, ...], rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.write(",".join(fields) + "\n")
+        for row in rows:
+            f.write(",".join(str(row.get(field, "")) for field in fields) + "\n")
+
+
+def write_results(result: FrontierResult, out_dir: str) -> None:
+    """frontier.csv (the policies, then the KL-optimal curve), frontier_matched.csv, the PNG."""
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(os.path.join(out_dir, "frontier.csv"), CSV_FIELDS, result.rows + result.optimal)
+    _write_csv(os.path.join(out_dir, "frontier_matched.csv"), COMPARISON_FIELDS, result.comparisons)
+    _plot(result, os.path.join(out_dir, "frontier.png"))
+
+
+def _plot(result: FrontierResult, png_path: str) -> None:
+    """Reward vs KL, all of it and up to best-of-N's largest KL: 1-s.e. bars, the optimal curve."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: scripts and CI
     import matplotlib.pyplot as plt
 
-    with open(csv_path, "w") as f:
-        f.write(",".join(CSV_FIELDS) + "\n")
-        for row in rows:
-            f.write(",".join(str(row[field]) for field in CSV_FIELDS) + "\n")
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    figure, (whole, close) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
+    for axes in (whole, close):
+        _draw(axes, result)
+        axes.set(xlabel="KL(π ‖ π_ref)  [nats per sequence]", ylabel="mean true reward")
+    best = [row for row in result.rows if row["method"] == "best-of-N"]
+    kl_max = 1.1 * max(row["kl_bound"] for row in best) + 0.05
+    shown = [row["reward"] for row in result.rows + result.optimal if row["kl"] <= kl_max]
+    close.set(xlim=(-0.05, kl_max), ylim=(min(shown) - 0.02, max(shown) + 0.02))
+    whole.set_title("Reward vs KL on the synthetic task")
+    close.set_title("Up to best-of-N's largest KL")
+    whole.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+
+
+def _draw(axes, result: FrontierResult) -> None:
+    """Each method's points and the KL-optimal curve on one matplotlib Axes."""
+    axes.plot(
+        [row["kl"] for row in result.optimal],
+        [row["reward"] for row in result.optimal],
+        ":",
+        color="grey",
+        label="KL-optimal π_ref·exp(r/τ)/Z (estimate)",
+    )
+    best = [row for row in result.rows if row["method"] == "best-of-N"]
+    axes.plot(
+        [row["kl_bound"] for row in best],
+        [row["reward"] for row in best],
+        "^:",
+        color="tab:green",
+        alpha=0.35,
+        label="best-of-N at its KL bound",
+    )
     styles = {"DPO": "o-", "Preferred-FT": "s", "best-of-N": "^--", "SFT reference": "k*"}
     for method, style in styles.items():
-        points = [row for row in rows if row["method"] == method]
-        if not points:
-            continue
+        points = [row for row in result.rows if row["method"] == method]
         axes.errorbar(
             [row["kl"] for row in points],
             [row["reward"] for row in points],
             xerr=[row["kl_stderr"] for row in points],
             yerr=[row["reward_stderr"] for row in points],
             fmt=style,
+            color={"best-of-N": "tab:green"}.get(method),
             label=method,
-            markersize=6,
+            markersize=5,
             capsize=2,
         )
         for row in points:
-            if row["setting"]:
-                axes.annotate(
-                    row["setting"],
-                    (row["kl"], row["reward"]),
-                    fontsize=7,
-                    xytext=(3, -9),
-                    textcoords="offset points",
-                )
-    axes.set(
-        xlabel="KL(π ‖ π_ref)  [nats per sequence]",
-        ylabel="mean true reward",
-        title="Reward vs KL on the synthetic task",
-    )
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(png_path)
-    plt.close(figure)
+            axes.annotate(
+                row["setting"].replace("beta=", "β="),
+                (row["kl"], row["reward"]),
+                fontsize=7,
+                xytext=(4, -9),
+                textcoords="offset points",
+                annotation_clip=True,
+            )
