@@ -50,20 +50,26 @@ DAMAGE = {
 }
 
 
+def _four_steps_config():
+    return tiny_config(checkpoint__every_steps=2, checkpoint__keep=2, dpo__num_steps=4)
+
+
 @pytest.fixture(scope="module")
-def straight_history(tmp_path_factory):
-    config = tiny_config(checkpoint__every_steps=2, checkpoint__keep=2, dpo__num_steps=4)
-    ctx, stage, params = build(config, tmp_path_factory.mktemp("straight"))
-    return stage_lib.run_stage(stage, params, ctx)[1]
+def straight_run(tmp_path_factory):
+    """(workdir, metrics) of an uninterrupted 4-step run checkpointed at steps 2 and 4; each
+    test damages its own copy of the workdir."""
+    workdir = tmp_path_factory.mktemp("straight")
+    ctx, stage, params = build(_four_steps_config(), workdir)
+    return workdir, stage_lib.run_stage(stage, params, ctx)[1]
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(
-    tmp_path, capsys, straight_history, damage
+    tmp_path, capsys, straight_run, damage
 ):
-    config = tiny_config(checkpoint__every_steps=2, checkpoint__keep=2, dpo__num_steps=4)
-    ctx, stage, params = build(config, tmp_path)
-    stage_lib.run_stage(stage, params, ctx)
+    config = _four_steps_config()
+    straight_workdir, straight_history = straight_run
+    shutil.copytree(straight_workdir, tmp_path, dirs_exist_ok=True)
     checkpoints = tmp_path / "dpo" / "checkpoints"
     assert sorted(os.listdir(checkpoints), key=int) == ["2", "4"]
     DAMAGE[damage](str(checkpoints / "4"))

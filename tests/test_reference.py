@@ -191,13 +191,34 @@ def _kind_config(kind: str, **changes):
     return config
 
 
+def _checkpointed_config(kind: str):
+    # A checkpoint at step 2 (tiny's every_steps) for the restarted job to resume from; keeping
+    # one checkpoint instead of the default two changes no number.
+    return _kind_config(kind, checkpoint__every_steps=2, checkpoint__keep=1)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """kind -> (held-out metrics before DPO, train metrics, final host state) of the
+    uninterrupted 3-step run, built once per kind for the golden and the resume tests."""
+    runs = {}
+
+    def run(kind):
+        if kind not in runs:
+            ctx, stage, params = build(_checkpointed_config(kind), tmp_path_factory.mktemp(kind))
+            assert reference_lib.kind_name(stage.reference) == kind
+            initial_ref_state = reference_lib.initial_state(stage.reference, params)
+            before = stage_lib.evaluate(stage, params, initial_ref_state, ctx)
+            state, history = stage_lib.run_stage(stage, params, ctx)
+            runs[kind] = (before, history, jax.device_get(state))
+        return runs[kind]
+
+    return run
+
+
 @pytest.mark.parametrize("kind", sorted(KIND_CHANGES))
-def test_each_kind_gives_the_numbers_of_the_code_before_it(tmp_path, kind):
-    ctx, stage, params = build(_kind_config(kind), tmp_path)
-    assert reference_lib.kind_name(stage.reference) == kind
-    initial_ref_state = reference_lib.initial_state(stage.reference, params)
-    before = stage_lib.evaluate(stage, params, initial_ref_state, ctx)
-    _, history = stage_lib.run_stage(stage, params, ctx)
+def test_each_kind_gives_the_numbers_of_the_code_before_it(straight_run, kind):
+    before, history, _ = straight_run(kind)
     golden = GOLDEN[kind]
     for name, value in golden["before"].items():
         np.testing.assert_allclose(before[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
@@ -208,11 +229,9 @@ def test_each_kind_gives_the_numbers_of_the_code_before_it(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", sorted(KIND_CHANGES))
-def test_each_kind_resumes_with_the_metrics_of_an_uninterrupted_run(tmp_path, kind):
-    config = _kind_config(kind, checkpoint__every_steps=2, checkpoint__keep=1)
-    ctx, straight, params = build(config, tmp_path / "straight")
-    state_straight, history_straight = stage_lib.run_stage(straight, params, ctx)
-
+def test_each_kind_resumes_with_the_metrics_of_an_uninterrupted_run(tmp_path, straight_run, kind):
+    _, history_straight, state_straight = straight_run(kind)
+    config = _checkpointed_config(kind)
     ctx, first, params = build(config, tmp_path / "resumed")
     first.num_steps = 2
     stage_lib.run_stage(first, params, ctx)
@@ -223,11 +242,7 @@ def test_each_kind_resumes_with_the_metrics_of_an_uninterrupted_run(tmp_path, ki
     for name in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         assert history_resumed[0][name] == history_straight[-1][name], name
     # A moving reference is saved with the state, so it resumes where it was.
-    jax.tree.map(
-        np.testing.assert_array_equal,
-        jax.device_get(state_resumed),
-        jax.device_get(state_straight),
-    )
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state_resumed), state_straight)
 
 
 # Live param-sized arrays while the DPO stage trains: the policy, AdamW's mu and nu, and one
