@@ -28,11 +28,12 @@ def _default_config_module():
     return module
 
 
-VARIANTS = ("", "quick")
+VARIANTS = ("", "quick", "gemma3")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The bench_cpu config, or its "quick" variant (`arg`).
+    """The bench_cpu config, or one of VARIANTS (`arg`): "quick" (fewer steps), "gemma3" (Gemma 3
+    270M's shapes from the packaged GGUF, random weights: full fine-tuning against LoRA).
 
     Raises:
       ValueError: an unknown variant.
@@ -64,6 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optimizer.name = "adamw"
         config.mesh.num_devices = 1
         config.bench = bench_fields(prompt_length=128, response_length=129)
+        if arg == "gemma3":
+            _gemma3_fields(config)
         if arg == "quick":
             config.bench.warmup_steps = 1
             config.bench.timed_steps = 3
@@ -73,17 +76,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
+def _gemma3_fields(config: ml_collections.ConfigDict) -> None:
+    """Gemma 3 270M (its GGUF's config, random weights), 8 pairs of 256 + 256 tokens, as README's
+    Gemma run: remat, the chunked head, RMSprop; one untimed and one timed step (minutes each)."""
+    config.model.source = "gguf"
+    config.model.gguf_path = ""  # the packaged GGUF, assembled into bench.workdir
+    config.data.tokenizer = "model"
+    config.model.remat = True
+    config.model.logits_chunk_size = 256
+    config.optimizer.name = "rmsprop"
+    config.data.max_length = 512
+    config.data.max_prompt_length = 256
+    config.bench = bench_fields(prompt_length=256, response_length=256)
+    config.bench.variants = "default,lora"
+    config.bench.warmup_steps = 1
+    config.bench.timed_steps = 1
+    config.bench.logprob_memory_tokens = 0
+    config.bench.cache_pairs = 0
+    config.bench.packing = False
+    config.bench.output = "bench_results/bench_cpu_gemma3.json"
+
+
 def bench_fields(*, prompt_length: int, response_length: int) -> ml_collections.ConfigDict:
     """The `bench` group, shared with configs/bench_gpu_1b.py."""
     bench = ml_collections.ConfigDict()
     bench.prompt_length = prompt_length  # prompt tokens of each random sequence
     bench.response_length = response_length  # response tokens (prompt + response = max_length)
+    bench.workdir = "bench_results"  # where model.source="gguf" assembles the packaged GGUF
     bench.warmup_steps = 3  # untimed steps after compiling (the first ones run slow)
     bench.timed_steps = 6  # timed steps; the median is reported
     # Alternatives, each compiled and timed in its own subprocess; the first is the baseline.
     # Names: default, bfloat16, float32, remat, no_remat, chunked, full_logits, cudnn,
-    # xla_attention, precomputed_ref, tr_dpo, reference_free, padded_varied, packed_varied (pairs
-    # of varied length, one a row or 3 packed a row: real tokens/s). A variant equal to the
+    # xla_attention, precomputed_ref, tr_dpo, reference_free, lora (rank 8, every layer's
+    # kernels), padded_varied, packed_varied (pairs of varied length, one a row or 3 packed a
+    # row: real tokens/s). A variant equal to the
     # default (e.g. "float32" when the default already is) is still run; cudnn is reported as
     # n/a off GPU.
     bench.variants = "default,bfloat16,remat,chunked,cudnn,precomputed_ref,tr_dpo,reference_free"

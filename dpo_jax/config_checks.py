@@ -7,6 +7,7 @@ field named, not after SFT has trained for minutes. Reusing the validators, rath
 their rules here, keeps one definition of what is allowed.
 """
 
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -164,7 +165,16 @@ def lora_targets(targets: str) -> tuple[str, ...]:
     return tuple(pattern.strip() for pattern in targets.split(",") if pattern.strip())
 
 
+def _check_regexes(field: str, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"config.{field}: {pattern!r} is not a regex ({err})") from err
+
+
 def _check_lora(config: ml_collections.ConfigDict) -> None:
+    _check_regexes("optimizer.trainable", lora_targets(config.optimizer.trainable))
     lora_config, kind = config.lora, config.dpo.reference
     if lora_config.rank == 0:
         if kind == "adapters_off":

@@ -5,7 +5,12 @@ update per batch (see `dpo_jax.step`), so the optimizer, its state and the sched
 optimizer steps only.
 """
 
+import re
+
+import jax
 import optax
+
+from dpo_jax import lora
 
 OPTIMIZERS = ("adamw", "rmsprop")
 DECAYS = ("constant", "cosine", "linear")
@@ -103,3 +108,42 @@ def make_optimizer(
     if max_grad_norm < 0:
         raise ValueError(f"optimizer.max_grad_norm={max_grad_norm} must be >= 0")
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), base)
+
+
+def only_trainable(
+    tx: optax.GradientTransformation, patterns: tuple[str, ...]
+) -> optax.GradientTransformation:
+    """`tx` on the params whose path ("layers/attn/q_kernel") matches one of `patterns`; every
+    other param frozen: zero updates and no optimizer state, by `optax.partition`.
+
+    The layers are stacked on one leading axis, so a pattern picks a kind of kernel in every
+    layer; a subset of the layers is not a subset of leaves. With LoRA the paths are the
+    adapters' ("layers/attn/q_kernel/lora_a"). No patterns: `tx` on everything.
+
+    Raises (when the optimizer state is built, as the first params are seen):
+      ValueError: a pattern that matches no param (the message lists them).
+    """
+    if not patterns:
+        return tx
+
+    # Params are nested dicts; anything else is a leaf (optax.tree_map_params passes
+    # placeholders that are empty pytrees, which must be labelled too).
+    not_dict = lambda x: not isinstance(x, dict)
+
+    def labels(params):
+        leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=not_dict)
+        names = [lora.path_name(path) for path, _ in leaves]
+        for pattern in patterns:
+            if not any(re.search(pattern, name) for name in names):
+                raise ValueError(
+                    f"config.optimizer.trainable: {pattern!r} matches no param; params: "
+                    f"{', '.join(names)}"
+                )
+
+        def label(path, _):
+            name = lora.path_name(path)
+            return "trained" if any(re.search(p, name) for p in patterns) else "frozen"
+
+        return jax.tree_util.tree_map_with_path(label, params, is_leaf=not_dict)
+
+    return optax.partition({"trained": tx, "frozen": optax.set_to_zero()}, labels)

@@ -230,7 +230,8 @@ def _plan_of(compiled, mesh, target: str, device_memory_bytes: int, inputs: _Ste
         inputs.model_config,
         num_rows=2 * batch["tokens"].shape[0],
         row_length=batch["tokens"].shape[2],
-        reference_in_step=reference_lib.kind_name(stage.reference) in ("frozen", "moving"),
+        reference_in_step=reference_lib.kind_name(stage.reference)
+        in ("frozen", "moving", "adapters_off"),
     )["total_flops"]
     hlo = compiled.as_text()
     memory = compiled.memory_analysis()

@@ -91,12 +91,8 @@ def state_shardings(abstract_state: step_lib.TrainState, stage: Stage, ctx: Cont
     """The NamedSharding of every leaf of the state: params by rule, optimizer state like them."""
     replicated = sharding.replicated(ctx.mesh)
     trainable = trainable_shardings(stage, ctx)
-    opt_shardings = optax.tree_map_params(
-        stage.tx,
-        lambda _, param_sharding: param_sharding,
-        abstract_state.opt_state,
-        trainable,
-        transform_non_params=lambda _: replicated,
+    opt_shardings = _like_params(
+        abstract_state.opt_state, abstract_state.params, trainable, replicated
     )
     bco = replicated if stage.options.uses_bco else None
     return step_lib.TrainState(
@@ -107,6 +103,45 @@ def state_shardings(abstract_state: step_lib.TrainState, stage: Stage, ctx: Cont
         bco_running_mean=bco,
         bco_running_count=bco,
     )
+
+
+def _like_params(abstract_opt_state, abstract_params, param_shardings, replicated) -> Any:
+    """The optimizer state's shardings: a leaf whose path ends with a param's path (a moment:
+    `.../mu/layers/attn/q_kernel`) and has its shape is sharded like that param; every other
+    leaf (counts, scalars) is replicated.
+
+    By path rather than `optax.tree_map_params`, which traces `init` on one placeholder in
+    place of the params and so cannot run an `optax.partition` whose labels read the params'
+    paths (`optim.only_trainable`).
+    """
+    params = {
+        _dict_keys(path): (leaf.shape, where)
+        for (path, leaf), where in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params),
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
+    }
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for start in range(len(keys)):
+            shape, where = params.get(keys[start:], (None, None))
+            if shape == leaf.shape:
+                return where
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def _dict_keys(path: tuple) -> tuple[str, ...]:
+    """The trailing run of dict keys of a pytree path (a param's path inside a state)."""
+    keys: list[str] = []
+    for key in reversed(path):
+        if not isinstance(key, jax.tree_util.DictKey):
+            break
+        keys.append(str(key.key))
+    return tuple(reversed(keys))
 
 
 def trainable_shardings(stage: Stage, ctx: Context) -> Any:

@@ -114,7 +114,7 @@ def _tiny_config(**bench):
     return config
 
 
-@pytest.mark.parametrize("variant", ["default", "precomputed_ref", "chunked", "remat"])
+@pytest.mark.parametrize("variant", ["default", "precomputed_ref", "chunked", "remat", "lora"])
 def test_one_step_of_a_tiny_config_runs_and_reports(variant):
     config = step_benchmark.with_variant(_tiny_config(chunk_size=8), variant)
     result = step_benchmark.measure_variant(config)
@@ -138,6 +138,21 @@ def test_one_step_of_a_tiny_config_runs_and_reports(variant):
     assert math.isfinite(result["loss_after"])
     assert result["step_s"] > 0 and result["peak"]["flops_per_s"] > 0
     assert result["xla_peak_bytes"] > 0
+    # Held between steps (each buffer once): the params, AdamW's two moments and the frozen
+    # reference, 4 copies, plus the small batch; LoRA holds the base once, plus adapters.
+    params_held = result["held_bytes"] / result["param_bytes"]
+    if variant == "default":
+        assert 4.0 <= params_held < 4.2, params_held
+    if variant == "lora":
+        assert result["reference_kind"] == "adapters_off" and params_held > 1.0
+
+
+def test_the_gemma3_workload_compares_full_fine_tuning_with_lora():
+    config = _load_config("bench_cpu", "gemma3")
+    assert config.bench.variants == "default,lora"
+    assert config.model.source == "gguf" and config.data.batch_size == 8
+    assert config.data.max_length == 512
+    assert step_benchmark.with_variant(config, "lora").lora.rank == 8
 
 
 def test_cudnn_is_not_available_on_cpu():

@@ -180,3 +180,48 @@ def test_resuming_on_another_base_is_refused_naming_both(tmp_path):
     ctx, stage, params = build(config, tmp_path / "run")
     with pytest.raises(ValueError, match=r"lora_base.json: the LoRA checkpoints .* sha256"):
         stage_lib.run_stage(stage, params, ctx)
+
+
+def _changed(before, after) -> dict[str, bool]:
+    """{param path: whether any element changed}."""
+    flat_before = jax.tree_util.tree_leaves_with_path(jax.device_get(before))
+    flat_after = jax.tree.leaves(jax.device_get(after))
+    return {
+        lora.path_name(path): not np.array_equal(b, a)
+        for (path, b), a in zip(flat_before, flat_after, strict=True)
+    }
+
+
+def test_only_the_configured_subset_trains_and_only_it_has_optimizer_state(tmp_path):
+    config = tiny_config(optimizer__trainable="attn/[qv]_kernel")
+    ctx, stage, params = build(config, tmp_path)
+    before = jax.device_get(params)
+    state, _ = run_steps(stage, ctx, params, num_steps=2)
+    changed = _changed(before, state.params)
+    assert {name for name, moved in changed.items() if moved} == {
+        "layers/attn/q_kernel",
+        "layers/attn/v_kernel",
+    }
+    # AdamW's two moments exist for the two trained kernels only.
+    moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim > 0]
+    assert sorted(m.shape for m in moments) == sorted(
+        [
+            params_shape
+            for name in ("q_kernel", "v_kernel")
+            for params_shape in [before["layers"]["attn"][name].shape] * 2
+        ]
+    )
+
+
+def test_the_subset_applies_to_lora_adapters_too_and_a_bad_pattern_is_named(tmp_path):
+    config = _lora_config(optimizer__trainable="mlp/", optimizer__learning_rate=1e-2)
+    ctx, stage, params = build(config, tmp_path / "lora")
+    initial = stage_lib.init_state(stage, params, ctx)
+    before = jax.device_get(initial.params)
+    state, _ = run_steps(stage, ctx, params, num_steps=2)
+    for name, moved in _changed(before, state.params).items():
+        assert moved == name.startswith("layers/mlp/"), name
+    config = tiny_config(optimizer__trainable="attention/")
+    ctx, stage, params = build(config, tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"trainable: 'attention/' matches no param.*q_kernel"):
+        stage_lib.init_state(stage, params, ctx)

@@ -53,6 +53,8 @@ VARIANTS = {
     "precomputed_ref": {"dpo.reference": "precomputed"},
     "tr_dpo": {"dpo.reference": "moving", "dpo.ref_sync_every": 16},
     "reference_free": {"dpo.reference": "none"},
+    # LoRA (dpo_jax.lora): rank-8 adapters on every layer's linear kernels; the base held once.
+    "lora": {"lora.rank": 8, "dpo.reference": "adapters_off"},
     # Pairs of varied length (data_effects.varied_batch), one a row or packed up to 3 a row.
     "padded_varied": {"bench.lengths": "varied", "data.pairs_per_row": 1},
     "packed_varied": {"bench.lengths": "varied", "data.pairs_per_row": 3},
@@ -170,6 +172,16 @@ def variant_available(config: ml_collections.ConfigDict) -> str | None:
     return None
 
 
+def _live_buffer_bytes() -> int:
+    """Bytes of the device buffers live arrays hold, each buffer once: two Array objects can
+    share one (`jax.device_get` of a CPU array leaves a second over the same buffer)."""
+    buffers = {}
+    for array in jax.live_arrays():
+        for shard in array.addressable_shards:
+            buffers[shard.data.unsafe_buffer_pointer()] = shard.data.nbytes
+    return sum(buffers.values())
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -188,7 +200,7 @@ def build_step(config: ml_collections.ConfigDict):
 
     train.check_config(config)
     mesh = train.make_mesh(config)
-    _, model_config, _ = train.load_model(config, workdir="")
+    _, model_config, _ = train.load_model(config, workdir=config.bench.workdir)
     ctx = train.make_context(config, mesh, model_config, workdir="")
     params = train.initial_params(model_config, None, ctx, config.seed)
     options = train.loss_options(
@@ -254,6 +266,7 @@ def _host_batch(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str,
 
 def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compiles and times one variant's step in this process (see `run_benchmark`)."""
+    from dpo_jax import reference as reference_lib
     from dpo_jax.reference import kind_name
 
     bench = config.bench
@@ -261,8 +274,12 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     num_real_tokens = int(jax.device_get(jnp.sum(batch["segment_ids"] > 0)))
     # What the stage holds on its devices between steps: policy, optimizer state, reference (if
     # any kind keeps params) and the batch; the step's temporaries come on top (XLA's analysis).
-    held_bytes = sum(array.nbytes for array in jax.live_arrays())
-    param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    held_bytes = _live_buffer_bytes()
+    # The model's params: the state's, or (LoRA) the base the reference holds.
+    model_params = reference_lib.held_params(reference)
+    if model_params is None:
+        model_params = state.params
+    param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(model_params))
     start = time.perf_counter()
     compiled = update.lower(state, reference, batch, rng).compile()
     compile_s = time.perf_counter() - start
@@ -274,7 +291,7 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         model_config,
         num_rows=2 * config.data.batch_size,
         row_length=config.data.max_length,
-        reference_in_step=kind_name(stage.reference) in ("frozen", "moving"),
+        reference_in_step=kind_name(stage.reference) in ("frozen", "moving", "adapters_off"),
     )
     # Shared CPUs change speed within seconds, so the peak is measured next to each timed step
     # (a few dots before it) and each step's MFU is against its own neighbouring peak; the
