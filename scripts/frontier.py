@@ -7,6 +7,7 @@ docs/, the files README shows). About seven minutes on a 2-core CPU. The models 
 --config (the main job's, configs/default.py).
 """
 
+import dataclasses
 import os
 
 from absl import app, flags, logging
@@ -18,6 +19,7 @@ _DEFAULT_CONFIG = os.path.join(
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Base training config.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs", "Where the CSVs and frontier.png go.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/frontier", "Where the training runs go.")
+_BETAS = flags.DEFINE_list("betas", None, "DPO's β values, e.g. 1,2 (default: FrontierSettings').")
 
 
 def main(argv):
@@ -27,7 +29,14 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     from dpo_jax.experiments import frontier  # after flag parsing, so --help stays fast
 
-    result = frontier.run_frontier(_CONFIG.value, _RUNS_DIR.value)
+    settings = frontier.FrontierSettings()
+    if _BETAS.value:
+        try:
+            betas = tuple(float(beta) for beta in _BETAS.value)
+        except ValueError as error:
+            raise app.UsageError(f"--betas={','.join(_BETAS.value)}: {error}") from None
+        settings = dataclasses.replace(settings, betas=betas)
+    result = frontier.run_frontier(_CONFIG.value, _RUNS_DIR.value, settings)
     frontier.write_results(result, _OUT_DIR.value)
     print(frontier.format_table(result))
     print(f"wrote frontier.csv, frontier_matched.csv and frontier.png to {_OUT_DIR.value}")
