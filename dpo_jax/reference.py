@@ -114,7 +114,7 @@ KINDS = {
 
 
 def kind_name(reference: Reference) -> str:
-    """'frozen', 'precomputed', 'cached', 'moving' or 'none'."""
+    """'frozen', 'precomputed', 'cached', 'moving', 'none' or 'adapters_off'."""
     if isinstance(reference, PrecomputedReference) and reference.cache:
         return "cached"
     for name, cls in KINDS.items():
@@ -148,7 +148,7 @@ def reference_logps(
     """[B, 2, S] float32 summed reference log-probs of a batch's pairs.
 
     Args:
-      reference: a bound reference (see `bind`): frozen, precomputed or none.
+      reference: a bound reference (see `bind`): frozen, precomputed, none or adapters_off.
       batch: the step's batch ([B, 2, T] arrays, pair_mask [B, S], and `ref_logps` [B, 2, S]
         when the reference is precomputed).
       forward: params -> [B, 2, S] summed log-probs of the batch (the model's `logprob_fn`).

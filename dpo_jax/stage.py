@@ -32,7 +32,7 @@ class Stage:
       options: the step's static loss options.
       tx, schedule: the optimizer and its learning-rate schedule.
       reference: the stage's reference, one value of `dpo_jax.reference` (frozen, precomputed,
-        moving or none); train and eval read it the same way.
+        moving, none or adapters_off); train and eval read it the same way.
       train_batches: iterator of host batches with get_state/set_state.
       eval_batches: list of host batches (possibly empty).
     """

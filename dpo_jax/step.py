@@ -1,7 +1,8 @@
 """The pure training and evaluation steps: TrainState, update_fn, eval_fn, ref_logps_fn.
 
-The reference model is one value of `dpo_jax.reference` (frozen, precomputed, moving or none);
-the steps read it only through that module's functions, never by checking what is None.
+The reference model is one value of `dpo_jax.reference` (frozen, precomputed, moving, none or
+adapters_off, LoRA's base); the steps read it only through that module's functions, never by
+checking what is None.
 
 Everything here is a module-level function of arrays and static options; `dpo_jax.train` binds
 the static parts with `functools.partial` and calls `jax.jit` once per function.
