@@ -12,7 +12,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,16 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.benchmarks import memory as memory_lib
 from dpo_jax.logprobs import chunked_token_logps, token_logps_from_logits
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 
 
 def _reset_peak_rss() -> bool:
@@ -105,22 +101,13 @@ def measure_variant(
         jax.block_until_ready(compiled(hidden, unembedding))
         times.append(time.perf_counter() - start)
     device_stats = jax.devices()[0].memory_stats() or {}
-    xla_peak = (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        + analysis.temp_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
     return {
         "variant": "full" if chunk_size is None else f"chunked({chunk_size})",
         "chunk_size": chunk_size,
         "backend": jax.default_backend(),
-        "xla_temp_bytes": analysis.temp_size_in_bytes,
-        "xla_argument_bytes": analysis.argument_size_in_bytes,
-        "xla_output_bytes": analysis.output_size_in_bytes,
-        "xla_peak_bytes": xla_peak,
+        **memory_lib.xla_memory(analysis),
         "rss_after_inputs_bytes": rss_inputs,
-        "peak_rss_over_inputs_bytes": _peak_rss_bytes() - rss_inputs,
+        "peak_rss_over_inputs_bytes": memory_lib.peak_rss_bytes() - rss_inputs,
         "peak_rss_reset": peak_reset,
         "device_peak_bytes_in_use": device_stats.get("peak_bytes_in_use"),
         "compile_s": compile_s,

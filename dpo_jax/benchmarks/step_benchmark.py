@@ -24,7 +24,6 @@ Every position's logits are counted (the step computes them all), whether or not
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from dpo_jax.benchmarks import data_effects
+from dpo_jax.benchmarks import memory as memory_lib
 
 VARIANTS = {
     # name: {config field: value}; a value of None is taken from config.bench (the chunk size).
@@ -172,20 +172,6 @@ def variant_available(config: ml_collections.ConfigDict) -> str | None:
     return None
 
 
-def _live_buffer_bytes() -> int:
-    """Bytes of the device buffers live arrays hold, each buffer once: two Array objects can
-    share one (`jax.device_get` of a CPU array leaves a second over the same buffer)."""
-    buffers = {}
-    for array in jax.live_arrays():
-        for shard in array.addressable_shards:
-            buffers[shard.data.unsafe_buffer_pointer()] = shard.data.nbytes
-    return sum(buffers.values())
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def build_step(config: ml_collections.ConfigDict):
     """The compiled training step of `config` and its inputs, built as training builds them.
 
@@ -274,7 +260,7 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     num_real_tokens = int(jax.device_get(jnp.sum(batch["segment_ids"] > 0)))
     # What the stage holds on its devices between steps: policy, optimizer state, reference (if
     # any kind keeps params) and the batch; the step's temporaries come on top (XLA's analysis).
-    held_bytes = _live_buffer_bytes()
+    held_bytes = memory_lib.live_buffer_bytes()
     # The model's params: the state's, or (LoRA) the base the reference holds.
     model_params = reference_lib.held_params(reference)
     if model_params is None:
@@ -293,19 +279,9 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         row_length=config.data.max_length,
         reference_in_step=kind_name(stage.reference) in ("frozen", "moving", "adapters_off"),
     )
-    # Shared CPUs change speed within seconds, so the peak is measured next to each timed step
-    # (a few dots before it) and each step's MFU is against its own neighbouring peak; the
-    # reported MFU is the median of those, the peak the median of the neighbouring peaks.
-    dot, dot_flops = _make_peak_dot(model_config.dtype, bench.peak_matmul_size)
-    step_times, peaks, mfus = [], [], []
-    for _ in range(bench.timed_steps):
-        peak_s, _ = _median_seconds(dot, bench.peak_repeats)
-        start = time.perf_counter()
-        state, _ = compiled(state, reference, batch, rng)
-        jax.block_until_ready(state)
-        step_times.append(time.perf_counter() - start)
-        peaks.append(dot_flops / peak_s)
-        mfus.append(flops["total_flops"] / step_times[-1] / peaks[-1])
+    state, step_times, peaks, mfus = _timed_steps(
+        compiled, (state, reference, batch, rng), bench, model_config.dtype, flops["total_flops"]
+    )
     step_s = statistics.median(step_times)
     peak = {
         "dtype": model_config.dtype,
@@ -336,21 +312,35 @@ def measure_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "mfu_spec": (
             flops["total_flops"] / step_s / bench.spec_peak_flops if bench.spec_peak_flops else None
         ),
-        "xla_argument_bytes": memory.argument_size_in_bytes,
-        "xla_output_bytes": memory.output_size_in_bytes,
-        "xla_temp_bytes": memory.temp_size_in_bytes,
-        "xla_alias_bytes": memory.alias_size_in_bytes,
-        "xla_peak_bytes": memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes,
+        **memory_lib.xla_memory(memory),
         "reference_kind": kind_name(stage.reference),
         "held_bytes": held_bytes,
         "param_bytes": param_bytes,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": memory_lib.peak_rss_bytes(),
         "device_peak_bytes_in_use": device_stats.get("peak_bytes_in_use"),
         "loss_after": loss,
     }
+
+
+def _timed_steps(compiled, inputs: tuple, bench, dtype: str, step_flops: float):
+    """(state, step seconds, neighbouring peaks, per-step MFUs) of `bench.timed_steps` steps.
+
+    Shared CPUs change speed within seconds, so the peak is measured next to each timed step
+    (a few dots before it) and each step's MFU is against its own neighbouring peak; the
+    reported MFU is the median of those, the peak the median of the neighbouring peaks.
+    """
+    state, reference, batch, rng = inputs
+    dot, dot_flops = _make_peak_dot(dtype, bench.peak_matmul_size)
+    step_times, peaks, mfus = [], [], []
+    for _ in range(bench.timed_steps):
+        peak_s, _ = _median_seconds(dot, bench.peak_repeats)
+        start = time.perf_counter()
+        state, _ = compiled(state, reference, batch, rng)
+        jax.block_until_ready(state)
+        step_times.append(time.perf_counter() - start)
+        peaks.append(dot_flops / peak_s)
+        mfus.append(step_flops / step_times[-1] / peaks[-1])
+    return state, step_times, peaks, mfus
 
 
 def _run_in_subprocess(config: ml_collections.ConfigDict, *extra: str) -> dict:
