@@ -182,9 +182,9 @@ def _check_lora(config: ml_collections.ConfigDict) -> None:
                 "config.dpo.reference='adapters_off' needs LoRA: set config.lora.rank >= 1"
             )
         return
-    lora.check_spec(
-        lora_config.rank, lora_config.alpha, lora_targets(lora_config.targets), lora_config.dropout
-    )
+    targets = lora_targets(lora_config.targets)
+    lora.check_spec(lora_config.rank, lora_config.alpha, targets, lora_config.dropout)
+    _check_regexes("lora.targets", targets)
     if kind not in ("adapters_off", "frozen"):
         raise ValueError(
             f"config.dpo.reference={kind!r} with config.lora.rank={lora_config.rank}: LoRA's "

@@ -147,6 +147,8 @@ def test_main_job_with_lora_exports_a_peft_adapter_and_the_merged_model(tmp_path
 def test_bad_lora_settings_are_named():
     with pytest.raises(ValueError, match=r"config.lora.rank=-1 must be an integer >= 1"):
         train.check_config(tiny_config(lora__rank=-1, dpo__reference="adapters_off"))
+    with pytest.raises(ValueError, match=r"config.lora.targets: 'attn/\(q' is not a regex"):
+        train.check_config(_lora_config(lora__targets="attn/(q"))
     with pytest.raises(ValueError, match=r"config.lora.dropout=0.1"):
         train.check_config(_lora_config(lora__dropout=0.1))
     with pytest.raises(ValueError, match=r"reference='precomputed' with config.lora.rank=4"):
