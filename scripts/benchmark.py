@@ -11,13 +11,14 @@ import os
 import pathlib
 
 from absl import app
-from ml_collections import config_flags
+
+from dpo_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "bench_cpu.py"
 )
 
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Benchmark config file.")
+_CONFIG = cli.define_config_file("config", _DEFAULT_CONFIG, "Benchmark config file.")
 
 
 def main(argv):
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

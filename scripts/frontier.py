@@ -11,12 +11,13 @@ import dataclasses
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from dpo_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
 )
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Base training config.")
+_CONFIG = cli.define_config_file("config", _DEFAULT_CONFIG, "Base training config.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs", "Where the CSVs and frontier.png go.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/frontier", "Where the training runs go.")
 _BETAS = flags.DEFINE_list("betas", None, "DPO's β values, e.g. 1,2 (default: FrontierSettings').")
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

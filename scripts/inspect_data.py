@@ -13,12 +13,13 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from dpo_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
 )
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.")
+_CONFIG = cli.define_config_file("config", _DEFAULT_CONFIG, "Training config file.")
 _NUM_PAIRS = flags.DEFINE_integer("num_pairs", 3, "How many pairs to show.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where a packaged GGUF model is assembled.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of an error.")
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

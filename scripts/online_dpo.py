@@ -8,12 +8,13 @@ rate is printed beside the SFT model's. A few minutes on a 2-core CPU.
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from dpo_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
 )
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Base training config.")
+_CONFIG = cli.define_config_file("config", _DEFAULT_CONFIG, "Base training config.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "runs/online_dpo", "Where the rounds' runs go.")
 _REWARD = flags.DEFINE_string("reward", "synthetic_exact", "Labels the pairs (required).")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Sample-label-train rounds.")
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,9 +22,10 @@ if _CPU_DEVICES:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+from dpo_jax import cli  # noqa: E402
+
+_CONFIG = cli.define_config_file("config", None, "Training config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology, e.g. v5e:16x16 or v5p:4x4x4.")
 _CPU = flags.DEFINE_integer("cpu_devices", 0, "Plan for N virtual CPU devices instead.")
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of device memory to keep free.")
@@ -61,4 +62,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

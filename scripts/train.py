@@ -9,13 +9,14 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from dpo_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
 )
 
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.")
+_CONFIG = cli.define_config_file("config", _DEFAULT_CONFIG, "Training config file.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", "./runs/default", "Checkpoints, metrics and the exported model go here."
 )
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
