@@ -33,6 +33,7 @@ class Tokenizer:
         never does).
       vocab_size: number of ids the tokenizer can produce (added tokens included).
       chat_template: the jinja2 chat template, or None.
+      chat_template_source: where the template came from (a file and its key), for errors.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class Tokenizer:
         unk_token: str | None = None,
         add_bos: bool = False,
         chat_template: str | None = None,
+        chat_template_source: str = "Tokenizer(chat_template=...)",
     ):
         """Wraps `backend`.
 
@@ -54,6 +56,8 @@ class Tokenizer:
             vocabulary) or None.
           add_bos: whether sequences start with the bos token.
           chat_template: a jinja2 chat template, or None.
+          chat_template_source: where it came from, as its errors name it (e.g.
+            "/m/tokenizer_config.json's chat_template").
 
         Raises:
           ValueError: a special token is not in the vocabulary, or add_bos without a bos token.
@@ -84,6 +88,7 @@ class Tokenizer:
         self.add_bos = bool(add_bos)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
+        self.chat_template_source = chat_template_source
         self._compiled_template: jinja2.Template | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -117,18 +122,21 @@ class Tokenizer:
 
         Raises:
           ValueError: no chat template, a message without 'role' or 'content' or with a role
-            outside CHAT_ROLES, a template syntax error, or a template that recursed forever.
+            outside CHAT_ROLES, a template syntax error, a template that recursed forever, or
+            one that asked for more than the sandbox allows (a range over 100000 items) or than
+            memory holds; each names the template's source.
           jinja2.TemplateError: the template raised (e.g. through `raise_exception`).
         """
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         _check_messages(messages)
+        template = f"the chat template (from {self.chat_template_source})"
         if self._compiled_template is None:
             try:
                 self._compiled_template = _compile_chat_template(self.chat_template)
             except jinja2.TemplateSyntaxError as e:
                 raise ValueError(
-                    f"the chat template has a syntax error at line {e.lineno}: {e.message}"
+                    f"{template} has a syntax error at line {e.lineno}: {e.message}"
                 ) from None
         variables = {"tools": None, "documents": None, **self.special_tokens, **extra}
         try:
@@ -137,8 +145,15 @@ class Tokenizer:
             )
         except RecursionError:
             raise ValueError(
-                "the chat template recursed without end while rendering (a macro that calls "
-                "itself?)"
+                f"{template} recursed without end while rendering (a macro that calls itself?)"
+            ) from None
+        # The sandbox refuses a range over MAX_RANGE items with OverflowError; a string or list
+        # repeated past memory is a MemoryError. Neither is the data's fault: name the template.
+        except OverflowError as e:
+            raise ValueError(f"{template} was refused while rendering: {e}") from None
+        except MemoryError:
+            raise ValueError(
+                f"{template} asked for more memory than there is while rendering"
             ) from None
 
     @classmethod
@@ -171,7 +186,10 @@ class Tokenizer:
         template = getattr(hf_tokenizer, "chat_template", None)
         if isinstance(template, dict):  # named templates: transformers uses "default"
             template = template.get("default")
-        tokenizer = cls(backend, **tokens, add_bos=False, chat_template=template)
+        source = f"the {type(hf_tokenizer).__name__}'s chat_template"
+        tokenizer = cls(
+            backend, **tokens, add_bos=False, chat_template=template, chat_template_source=source
+        )
         add_bos = getattr(hf_tokenizer, "add_bos_token", None)
         if add_bos is None:
             with_special = backend.encode("", add_special_tokens=True).ids
@@ -214,8 +232,14 @@ class Tokenizer:
             name: _token_content(config.get(name), f"{config_file}: {name}")
             for name in ("bos_token", "eos_token", "pad_token", "unk_token")
         }
-        chat_template = _read_chat_template(config, config_file, path)
-        tokenizer = cls(backend, **tokens, add_bos=False, chat_template=chat_template)
+        chat_template, source = _read_chat_template(config, config_file, path)
+        tokenizer = cls(
+            backend,
+            **tokens,
+            add_bos=False,
+            chat_template=chat_template,
+            chat_template_source=source,
+        )
         if "add_bos_token" in config:
             add_bos = bool(config["add_bos_token"])
         else:
@@ -278,21 +302,23 @@ def _token_content(value: Any, where: str) -> str | None:
     raise ValueError(f"{where}: expected a string or {{'content': str}}, found {value!r}")
 
 
-def _read_chat_template(config: dict, config_file: str, path: str) -> str | None:
+def _read_chat_template(config: dict, config_file: str, path: str) -> tuple[str | None, str]:
+    """(the template or None, where it came from: the file and key, as errors name it)."""
     template = config.get("chat_template")
+    source = f"{config_file}'s chat_template"
     if template is None:
         template_file = os.path.join(path, _CHAT_TEMPLATE_FILE)
         if os.path.isfile(template_file):
             with open(template_file, encoding="utf-8") as f:
-                return f.read()
-        return None
+                return f.read(), template_file
+        return None, source
     if isinstance(template, str):
-        return template
+        return template, source
     # A list of named templates; transformers uses the one named "default".
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
-            return named["default"]
+            return named["default"], f"{source} named 'default'"
         raise ValueError(
             f"{config_file}: chat_template is a list without a 'default' entry "
             f"(found names: {sorted(map(str, named))})"

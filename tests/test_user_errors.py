@@ -1,12 +1,19 @@
 """The errors a new user meets first, each one line from the real scripts: a misspelled config
 key on the command line, a chat template that asks for too much, a full disk as the workdir."""
 
+import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+from tiny_tokenizers import make_word_tokenizer  # noqa: E402
+
+from dpo_jax.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The scripts that take a config flag (`dpo_jax.cli.define_config_file`).
@@ -73,3 +80,62 @@ def test_a_bad_override_of_a_given_config_is_one_line(override, message):
     assert process.returncode == 1
     assert process.stderr.splitlines()[0].startswith(message), process.stderr
     assert "Traceback" not in process.stderr
+
+
+HUGE_RANGE = "{% for i in range(10**9) %}{{ i }}{% endfor %}"
+CONVERSATION = {
+    "prompt": [{"role": "user", "content": "a"}],
+    "chosen": [{"role": "assistant", "content": "b"}],
+    "rejected": [{"role": "assistant", "content": "c"}],
+}
+
+
+def _tokenizer_dir(path, config, template_file=None):
+    path.mkdir()
+    make_word_tokenizer().backend.save(str(path / "tokenizer.json"))
+    tokens = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": 1}
+    (path / "tokenizer_config.json").write_text(json.dumps({**tokens, **config}))
+    if template_file is not None:
+        (path / "chat_template.jinja").write_text(template_file)
+    return path
+
+
+def test_a_template_the_sandbox_refuses_is_one_line_naming_its_file(tmp_path):
+    # jinja2's sandbox refuses range(10**9) with an OverflowError: a 19-frame traceback before.
+    tokenizer = _tokenizer_dir(tmp_path / "tok", {"chat_template": HUGE_RANGE})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text((json.dumps(CONVERSATION) + "\n") * 16)
+    process = _script(
+        "train.py",
+        "--config=configs/default.py:tiny",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.tokenizer={tokenizer}",
+        f"--config.data.source={pairs}",
+        "--config.data.eval_source=",
+        timeout=300,
+    )
+    assert process.returncode == 1
+    assert process.stderr.splitlines() == [
+        f"error: {pairs}:1: the chat template (from {tokenizer}/tokenizer_config.json's "
+        "chat_template) was refused while rendering: Range too big. The sandbox blocks ranges "
+        "larger than MAX_RANGE (100000).",
+        "(run with --verbose for the traceback)",
+    ], process.stderr
+
+
+@pytest.mark.parametrize("in_file", [False, True])
+def test_a_template_error_names_the_file_it_came_from(tmp_path, in_file):
+    if in_file:  # chat_template.jinja: used when tokenizer_config.json has no template
+        path = _tokenizer_dir(tmp_path / "tok", {}, "{{ range(10**6) | list }}")
+        expected = (
+            f"the chat template (from {path}/chat_template.jinja) was refused while rendering: "
+            "Range too big"
+        )
+    else:
+        path = _tokenizer_dir(tmp_path / "tok", {"chat_template": "{{ messages[0].content }"})
+        expected = (
+            f"the chat template (from {path}/tokenizer_config.json's chat_template) has a "
+            "syntax error at line 1"
+        )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        Tokenizer.from_dir(path).apply_chat_template(CONVERSATION["prompt"])

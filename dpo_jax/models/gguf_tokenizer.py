@@ -86,6 +86,7 @@ def tokenizer_from_pieces(tokens, scores, types, metadata: dict[str, Any], path:
         unk_token=special("unknown_token_id"),
         add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=metadata.get("tokenizer.chat_template"),
+        chat_template_source=f"{path}'s tokenizer.chat_template",
     )
 
 
