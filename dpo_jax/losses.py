@@ -508,7 +508,9 @@ def wpo_log_weights(
       token_logps: [B, 2, T] float log p(y_t) at each scored token position (0 elsewhere).
       token_log_sum_sq: [B, 2, T] float log Σ_v p_t(v)² of the distribution that scored y_t, at
         the same positions.
-      scored, segment_ids, num_segments: as in `ld_sequence_logps`.
+      scored: as in `ld_sequence_logps`.
+      segment_ids: as in `ld_sequence_logps`.
+      num_segments: as in `ld_sequence_logps`.
 
     Returns:
       [B, 2, S] float32 log weights (0 in empty slots).
@@ -864,8 +866,9 @@ def dpo_loss_fn(
         completion.
       policy_rejected_logps: [P] float, log π(y_l|x). For kto: log π(y'|x) of the mismatched
         completion y' (another record's) that estimates the reference point z₀.
-      ref_chosen_logps, ref_rejected_logps: [P] float, the same under π_ref, both or neither:
-        None, or `reference_free=True`, takes them as 0.
+      ref_chosen_logps: [P] float, log π_ref(y_w|x), given with ref_rejected_logps or not at
+        all: None, or `reference_free=True`, takes them as 0.
+      ref_rejected_logps: [P] float, log π_ref(y_l|x), as ref_chosen_logps.
       beta: β > 0, the KL-penalty strength (IPO's τ, ORPO's λ); a static float is validated.
       loss_type: a name in `LOSS_VARIANTS` (or an alias in `LOSS_ALIASES`) or distinct names.
       label_smoothing: ε for the variants that read it: sigmoid and sigmoid_norm (cDPO, see
@@ -873,8 +876,9 @@ def dpo_loss_fn(
         exo_pair in (0, 0.5] (0 is an error). A non-zero ε no listed variant reads is an error.
       loss_weights: one weight per `loss_type` name; None means all 1 (TRL's `loss_weights`).
       reference_free: if True, ignore the reference log-probs (take them as 0).
-      chosen_lengths, rejected_lengths: [P] response token counts (clamped to >= 1), needed by
-        simpo, sigmoid_norm, orpo, ipo with ipo_form="per_token" and sft with sft_form="per_token".
+      chosen_lengths: [P] response token counts (clamped to >= 1), needed by simpo,
+        sigmoid_norm, orpo, ipo with ipo_form="per_token" and sft with sft_form="per_token".
+      rejected_lengths: [P] the same, of the rejected responses.
       pair_mask: [P] bool, True on real pairs; padding slots (packed rows) count in neither the
         loss, the gradient nor the metrics, whatever they hold. None means all pairs are real.
       f_divergence_type: "reverse_kl" (DPO), "forward_kl", "js_divergence", "alpha_divergence":
@@ -892,7 +896,8 @@ def dpo_loss_fn(
         by the caller between steps (None = 0 at the first step).
       bco_running_count: number of batches δ₀ averages (None = 0), carried with it.
       kto_labels: [P] bool, kto only: True where the completion is desirable.
-      desirable_weight, undesirable_weight: KTO's λ_D and λ_U.
+      desirable_weight: KTO's λ_D.
+      undesirable_weight: KTO's λ_U.
       wpo_log_weights: WPO (arXiv:2406.11827): ([P], [P]) per-sequence log weights of the chosen
         and rejected sides, each the mean over its tokens of log p(y_t) − log Σ_v p(v)²; every
         per-pair loss is multiplied by exp(w_c + w_r) without gradient. None: no weighting.

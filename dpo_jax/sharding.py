@@ -58,7 +58,10 @@ def make_mesh(
     """A ("data", "fsdp", "tensor") mesh with Auto axis types (see the module docstring).
 
     Args:
-      data, fsdp, tensor: axis sizes; one of them may be -1 for "the remaining devices".
+      data: the "data" axis size; one of the three sizes may be -1 for "the remaining
+        devices".
+      fsdp: the "fsdp" axis size.
+      tensor: the "tensor" axis size.
       num_devices: use the first `num_devices` devices (-1: all of them).
       devices: the devices to choose from (default `jax.devices()`).
 

@@ -74,9 +74,10 @@ class LossOptions:
       logits_chunk_size: rows per chunk of the chunked log-prob path; None: full logits.
       num_microbatches: micro-batches per step (gradient accumulation), >= 1.
       final_logit_softcapping: the model's cap·tanh(logits / cap) on logits, or None.
-      f_divergence_type, f_alpha_divergence_coef, sigmoid_label_smoothing, bco_reward_shift,
-        ipo_form, simpo_gamma, desirable_weight, undesirable_weight: passed to `dpo_loss_fn`
-        (see it for their values); kto reads `batch["kto_labels"]` [B, S] too.
+      f_divergence_type: passed to `dpo_loss_fn` (see it for the values), as are
+        f_alpha_divergence_coef, sigmoid_label_smoothing, bco_reward_shift, ipo_form,
+        simpo_gamma, desirable_weight and undesirable_weight; kto reads
+        `batch["kto_labels"]` [B, S] too.
       ld_alpha: LD-DPO's α in [0, 1] (`losses.ld_sequence_logps`, for the policy and the
         reference alike), or None for plain sums.
       use_weighting: WPO (arXiv:2406.11827): each pair's loss times exp(w_w + w_l), w the mean
@@ -328,7 +329,8 @@ def update_fn(
       batch: see `loss_and_metrics`; arrays sharded over the batch axes.
       rng: the run's base key; this step uses `fold_in(rng, state.step)` (the models here are
         deterministic, so it is folded but not consumed; dropout would take it from here).
-      apply_fn, tx, schedule, options, mesh: static, bound with functools.partial before jit.
+      apply_fn: static, bound with functools.partial before jit, as are tx, schedule, options
+        and mesh.
 
     Returns:
       (new state, metrics): metrics of `loss_and_metrics` plus grad_norm, learning_rate,
