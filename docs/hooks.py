@@ -1,0 +1,20 @@
+"""mkdocs hook: the notebooks, kept in notebooks/ beside the code, become pages of the site.
+
+They are added to the site's files before mkdocs-jupyter looks for notebooks, from where they are,
+so that they execute with notebooks/ as the working directory, as a reader runs them.
+"""
+
+import os
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = ("notebooks/quickstart.ipynb", "notebooks/derivation.ipynb")
+
+
+@event_priority(100)  # before mkdocs-jupyter's on_files, which turns .ipynb files into pages
+def on_files(files, config):
+    for path in NOTEBOOKS:
+        files.append(File(path, _ROOT, config["site_dir"], config["use_directory_urls"]))
+    return files
