@@ -232,7 +232,8 @@ def make_pair_iterator(
       seed: the shuffle's (and packing order's) seed.
       shuffle: whether to shuffle rows (each epoch differently).
       num_epochs: passes over the data, or None for forever.
-      process_index, process_count: this host and the number of hosts (default: jax's).
+      process_index: this host's index (default: jax's).
+      process_count: the number of hosts (default: jax's).
 
     Returns:
       (iterator, stats). The iterator yields dicts of numpy arrays: `tokens`, `response_mask`,
