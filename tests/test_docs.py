@@ -50,6 +50,12 @@ def test_readme_is_short_and_its_test_command_is_the_one_ci_runs():
     assert "\n    pip install -e . && python scripts/train.py\n" in text
 
 
+def test_every_code_fence_on_the_pages_is_closed():
+    for page in _pages():
+        fences = [line for line in _read(page).splitlines() if line.lstrip().startswith("```")]
+        assert len(fences) % 2 == 0, f"{page}: an unclosed ``` code fence"
+
+
 def test_readme_links_name_files_that_exist():
     for target in re.findall(r"\]\(([^)\s]+)\)", _read(README)):
         if "://" in target:
