@@ -124,6 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loss_type="kto": each pair becomes a desirable (chosen) and an undesirable (rejected) record
     config.dpo.kto_desirable_weight = 1.0  # KTO λ_D > 0, the weight of desirable completions
     config.dpo.kto_undesirable_weight = 1.0  # KTO λ_U > 0, the weight of undesirable ones
+    # loss_type="unlikelihood": −log π(y_w) − α·Σ_t log(1 − π(y_l,t)), sums over tokens
+    config.dpo.unlikelihood_alpha = 1.0  # α >= 0 on the rejected tokens' unlikelihood term
     # LD-DPO: the tokens past the shorter response of a pair count with weight α (1 = plain sums)
     config.dpo.ld_alpha = 1.0  # α in [0, 1]
     # WPO: each pair's loss times its responses' policy probabilities, aligned (arXiv:2406.11827)

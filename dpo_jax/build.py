@@ -138,6 +138,7 @@ def loss_options(
         simpo_gamma=config.dpo.simpo_gamma,
         desirable_weight=config.dpo.kto_desirable_weight,
         undesirable_weight=config.dpo.kto_undesirable_weight,
+        unlikelihood_alpha=config.dpo.unlikelihood_alpha,
         ld_alpha=ld_alpha if loss_type != ("sft",) else None,
         use_weighting=config.dpo.use_weighting and loss_type != ("sft",),
     )

@@ -137,6 +137,8 @@ def _check_loss(dpo: ml_collections.ConfigDict) -> None:
             simpo_gamma=dpo.simpo_gamma,
             desirable_weight=dpo.kto_desirable_weight,
             undesirable_weight=dpo.kto_undesirable_weight,
+            unlikelihood_alpha=dpo.unlikelihood_alpha,
+            rejected_unlikelihoods=one - 1,
             kto_labels=one > 0 if "kto" in names else None,
             wpo_log_weights=(one, one) if dpo.use_weighting else None,
         )

@@ -1,7 +1,9 @@
 """DPO-family preference losses on sequence log-probs: pure jax.numpy, no model, no config.
 
 Every loss reads four summed log-probs per preference pair (policy and reference, chosen y_w and
-rejected y_l) and returns a scalar. Notation used in every docstring, per pair i:
+rejected y_l) and returns a scalar; a variant that needs more of each pair (token counts, the
+unlikelihood sum of y_l's tokens) declares it in the registry and reads it as one more [P]
+array. Notation used in every docstring, per pair i:
 
     Δc = log π(y_w|x) − log π_ref(y_w|x)      (chosen log-ratio)
     Δr = log π(y_l|x) − log π_ref(y_l|x)      (rejected log-ratio)
@@ -17,9 +19,9 @@ Conventions:
 - log σ is always `jax.nn.log_sigmoid`, never `log(sigmoid(x))`, which underflows to −inf.
 
 Sections, in order: the registry, Pairs and f-divergence scores; TRL's DPOTrainer family;
-the reference-free objectives (sft, simpo, cpo, orpo; kto); LD-DPO and WPO sums from per-token
-log-probs; the argument checks; `dpo_loss_fn`. One module, so that it imports jax alone and can
-be copied into another project as it is.
+the reference-free objectives (sft, simpo, cpo, orpo, unlikelihood; kto); LD-DPO, WPO and
+unlikelihood sums from per-token log-probs; the argument checks; `dpo_loss_fn`. One module, so
+that it imports jax alone and can be copied into another project as it is.
 """
 
 import math
@@ -51,6 +53,7 @@ class Pairs(NamedTuple):
     rejected_scores: jax.Array  # [P] float, likewise for the rejected side
     chosen_lengths: jax.Array | None  # [P] float, >= 1
     rejected_lengths: jax.Array | None  # [P] float, >= 1
+    rejected_unlikelihoods: jax.Array | None  # [P] float, Σ_t log(1 − π(y_l,t)), <= 0
     labels: jax.Array | None  # [P] bool, KTO: True where the completion is desirable
     mask: jax.Array  # [P] bool, True on real pairs
 
@@ -87,6 +90,7 @@ class Hyper(NamedTuple):
     ipo_form: str  # "per_token" or "summed"
     sft_form: str  # "per_token" or "per_sequence"
     sigmoid_label_smoothing: str  # "cdpo" or "ignore"
+    unlikelihood_alpha: float  # α >= 0 of unlikelihood's y_l term
 
 
 class Variant(NamedTuple):
@@ -101,6 +105,9 @@ class Variant(NamedTuple):
         read π_ref, so a caller need not hold reference params for them.
       uses_scores: whether an f-divergence changes the variant (it reads `score_margin`), as
         TRL 1.16 applies `f_divergence_type` to the same variants.
+      per_pair_inputs: the optional per-pair arrays of `dpo_loss_fn` (beyond the log-probs and
+        lengths) the variant always reads, by argument name ("rejected_unlikelihoods", built from
+        per-token log-probs by `sequence_log_unlikelihoods`); a missing one is an error.
     """
 
     fn: Callable[[Pairs, Hyper], jax.Array]
@@ -108,6 +115,7 @@ class Variant(NamedTuple):
     needs_lengths: bool
     reads_reference: bool
     uses_scores: bool
+    per_pair_inputs: tuple[str, ...] = ()
 
 
 LOSS_VARIANTS: dict[str, Variant] = {}
@@ -129,12 +137,13 @@ def register(
     needs_lengths: bool = False,
     reads_reference: bool = True,
     uses_scores: bool = False,
+    per_pair_inputs: tuple[str, ...] = (),
 ):
     """Decorator adding a per-pair loss function to LOSS_VARIANTS under `name`."""
 
     def add(fn):
         LOSS_VARIANTS[name] = Variant(
-            fn, label_smoothing_range, needs_lengths, reads_reference, uses_scores
+            fn, label_smoothing_range, needs_lengths, reads_reference, uses_scores, per_pair_inputs
         )
         return fn
 
@@ -432,6 +441,24 @@ def _kto(pairs: Pairs, hp: Hyper) -> jax.Array:
     return jnp.where(pairs.labels, desirable, undesirable)
 
 
+@register("unlikelihood", reads_reference=False, per_pair_inputs=("rejected_unlikelihoods",))
+def _unlikelihood(pairs: Pairs, hp: Hyper) -> jax.Array:
+    """Unlikelihood training (Welleck et al. 2019, arXiv:1908.04319), the DPO paper's
+    baseline (arXiv:2305.18290, §6): likelihood on y_w, unlikelihood on every token of y_l,
+
+        ℓ = −log π(y_w|x) − α·Σ_{t=1}^{|y_l|} log(1 − π(y_l,t | x, y_l,<t)),
+
+    α = unlikelihood_alpha.
+
+    Both terms are sums over a response's scored tokens, not means (the module's convention); the
+    loss is their mean over pairs. The sum of the second term is the `rejected_unlikelihoods`
+    input, built by `sequence_log_unlikelihoods`, where each token's 1 − π is floored at
+    UNLIKELIHOOD_FLOOR (1e-5), so a certain token costs at most 11.5 nats. Reads no reference.
+    The DPO paper puts an optional α in [0, 1] on the unlikelihood term; any α >= 0 is accepted.
+    """
+    return -pairs.policy_chosen - hp.unlikelihood_alpha * pairs.rejected_unlikelihoods
+
+
 # ----------------------------------------------------------------------------- LD-DPO and WPO sums
 # Sequence log-probs from per-token ones for LD-DPO and WPO: pure jax.numpy on [B, 2, T] arrays.
 
@@ -520,6 +547,36 @@ def wpo_log_weights(
     sums = jnp.sum(jnp.where(in_slot, aligned[..., None], 0.0), axis=2)  # [B, 2, S]
     lengths = jnp.maximum(positions[:, :, -1, :], 1)  # [B, 2, S]
     return sums / lengths
+
+
+UNLIKELIHOOD_FLOOR = 1e-5  # 1 − π(y_t) is floored here: log(1 − π) >= log 1e-5 ≈ −11.5
+
+
+def sequence_log_unlikelihoods(
+    token_logps: jax.Array, scored: jax.Array, segment_ids: jax.Array, num_segments: int
+) -> jax.Array:
+    """Σ over each response's scored tokens of log(1 − π(y_t)): unlikelihood's y_l term.
+
+    Each token's 1 − π(y_t) = 1 − e^(log π(y_t)) is computed as log1mexp (accurate for π near 0
+    and near 1) and floored at UNLIKELIHOOD_FLOOR: a token the policy is sure of then contributes
+    log 1e-5 with zero gradient, instead of −inf, or a gradient of −π/(1 − π) that grows without
+    bound. Unscored positions (prompt, padding, other segments' tokens) contribute nothing, and
+    whatever they hold (log π = 0 there) reaches neither the sum nor its gradient.
+
+    Args:
+      token_logps: [B, 2, T] float per-token log-probs (0 where unscored), as `LogProbs`.
+      scored: as in `ld_sequence_logps`.
+      segment_ids: as in `ld_sequence_logps`.
+      num_segments: as in `ld_sequence_logps`.
+
+    Returns:
+      [B, 2, S] float32 sums, <= 0 (0 in empty slots); dpo_loss_fn reads the rejected side.
+    """
+    in_slot, _ = _slot_positions(scored, segment_ids, num_segments)  # [B, 2, T, S]
+    logps = jnp.where(scored, token_logps.astype(jnp.float32), -1.0)  # [B, 2, T]
+    # The floor as a cap on log π, so log1mexp never sees 0 (−inf, and a NaN gradient).
+    log_unlikely = log1mexp(jnp.minimum(logps, math.log1p(-UNLIKELIHOOD_FLOOR)))  # [B, 2, T]
+    return jnp.sum(jnp.where(in_slot, log_unlikely[..., None], 0.0), axis=2)  # [B, 2, S]
 
 
 # --------------------------------------------------------------------------------- argument checks
@@ -627,6 +684,11 @@ def check_f_divergence(names, f_divergence_type: str, alpha) -> None:
             raise ValueError(f"f_alpha_divergence_coef={alpha} must be > 0")
 
 
+def check_unlikelihood_alpha(names, alpha) -> None:
+    if "unlikelihood" in names and isinstance(alpha, numbers.Real) and not alpha >= 0:
+        raise ValueError(f"unlikelihood_alpha={alpha} must be >= 0 for loss_type 'unlikelihood'")
+
+
 def check_kto_weights(names, desirable_weight, undesirable_weight) -> None:
     if "kto" not in names:
         return
@@ -686,6 +748,10 @@ def check_optional_inputs(names, inputs: dict, needing: list[str]) -> None:
                 f"{arg_name}=None but loss_type {needing[0]!r} needs chosen_lengths and "
                 "rejected_lengths (response token counts per pair)"
             )
+    for name in names:
+        for arg_name in LOSS_VARIANTS[name].per_pair_inputs:
+            if inputs[arg_name] is None:
+                raise ValueError(f"{arg_name}=None but loss_type {name!r} needs it ([P] per pair)")
     for arg_name in ("pair_mask", "kto_labels"):
         value = inputs[arg_name]
         if value is not None and jnp.result_type(value) != jnp.bool_:
@@ -740,6 +806,7 @@ def _build_pairs(inputs: dict, reference_free: bool, f_divergence_type: str, alp
         ),
         chosen_lengths=flat("chosen_lengths", 1.0),
         rejected_lengths=flat("rejected_lengths", 1.0),
+        rejected_unlikelihoods=flat("rejected_unlikelihoods", 0.0),
         labels=None if labels is None else jnp.reshape(labels, (-1,)),
         mask=mask,
     )
@@ -849,6 +916,8 @@ def dpo_loss_fn(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     wpo_log_weights: tuple[jax.Array, jax.Array] | None = None,
+    rejected_unlikelihoods: jax.Array | None = None,
+    unlikelihood_alpha: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Preference loss of a batch of pairs from summed log-probs, in TRL's argument order.
 
@@ -901,6 +970,9 @@ def dpo_loss_fn(
       wpo_log_weights: WPO (arXiv:2406.11827): ([P], [P]) per-sequence log weights of the chosen
         and rejected sides, each the mean over its tokens of log p(y_t) − log Σ_v p(v)²; every
         per-pair loss is multiplied by exp(w_c + w_r) without gradient. None: no weighting.
+      rejected_unlikelihoods: [P] float, unlikelihood only: Σ_t log(1 − π(y_l,t | x, y_l,<t))
+        over the rejected response's tokens (`sequence_log_unlikelihoods`, rejected side).
+      unlikelihood_alpha: α >= 0, the weight of unlikelihood's rejected term.
 
     Returns:
       (loss, metrics): loss is a scalar; metrics holds scalars without gradient: `loss`,
@@ -917,9 +989,10 @@ def dpo_loss_fn(
         length mismatch, β <= 0, ε outside its variant's range, an unknown setting string, an
         f-divergence with a variant it does not apply to, α <= 0, WPO weights with aot or kto,
         mismatched shapes, one reference array without the other, missing lengths, a non-bool
-        pair_mask or kto_labels, kto without labels or with a weight <= 0, or bco state given
-        without a bco running mean. All checks read static values and shapes, so the function
-        jits.
+        pair_mask or kto_labels, kto without labels or with a weight <= 0, bco state given
+        without a bco running mean, a per-pair input a variant declares missing (unlikelihood's
+        rejected_unlikelihoods), or unlikelihood_alpha < 0. All checks read static values and
+        shapes, so the function jits.
     """
     names = as_loss_names(loss_type)
     weights = as_loss_weights(names, loss_weights)
@@ -931,6 +1004,7 @@ def dpo_loss_fn(
         f_divergence_type=f_divergence_type,
     )
     check_hyper(names, beta, label_smoothing, discopop_tau, sigmoid_label_smoothing)
+    check_unlikelihood_alpha(names, unlikelihood_alpha)
     check_f_divergence(names, f_divergence_type, f_alpha_divergence_coef)
     check_weighting(names, wpo_log_weights)
     check_kto_weights(names, desirable_weight, undesirable_weight)
@@ -943,6 +1017,7 @@ def dpo_loss_fn(
         rejected_lengths=rejected_lengths,
         pair_mask=pair_mask,
         kto_labels=kto_labels,
+        rejected_unlikelihoods=rejected_unlikelihoods,
     )
     if wpo_log_weights is not None:
         inputs.update(wpo_chosen=wpo_log_weights[0], wpo_rejected=wpo_log_weights[1])
@@ -957,6 +1032,7 @@ def dpo_loss_fn(
     hyper = Hyper(
         beta, label_smoothing, discopop_tau, simpo_gamma, bco_delta, kto_z0,
         desirable_weight, undesirable_weight, ipo_form, sft_form, sigmoid_label_smoothing,
+        unlikelihood_alpha,
     )  # fmt: skip
 
     loss = 0.0
@@ -981,5 +1057,6 @@ __all__ = [
     "check_ld_alpha",
     "dpo_loss_fn",
     "ld_sequence_logps",
+    "sequence_log_unlikelihoods",
     "wpo_log_weights",
 ]

@@ -29,7 +29,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import reference as reference_lib
 from dpo_jax.logprobs import LogProbs, logprob_fn, next_token_targets
-from dpo_jax.losses import LOSS_VARIANTS, dpo_loss_fn, ld_sequence_logps, wpo_log_weights
+from dpo_jax.losses import (
+    LOSS_VARIANTS,
+    dpo_loss_fn,
+    ld_sequence_logps,
+    sequence_log_unlikelihoods,
+    wpo_log_weights,
+)
 from dpo_jax.sharding import BATCH_AXES
 
 # Batch keys that have the batch axis first and travel to the model (ref_logps is optional).
@@ -76,7 +82,7 @@ class LossOptions:
       final_logit_softcapping: the model's cap·tanh(logits / cap) on logits, or None.
       f_divergence_type: passed to `dpo_loss_fn` (see it for the values), as are
         f_alpha_divergence_coef, sigmoid_label_smoothing, bco_reward_shift, ipo_form,
-        simpo_gamma, desirable_weight and undesirable_weight; kto reads
+        simpo_gamma, desirable_weight, undesirable_weight and unlikelihood_alpha; kto reads
         `batch["kto_labels"]` [B, S] too.
       ld_alpha: LD-DPO's α in [0, 1] (`losses.ld_sequence_logps`, for the policy and the
         reference alike), or None for plain sums.
@@ -99,6 +105,7 @@ class LossOptions:
     simpo_gamma: float = 0.5
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    unlikelihood_alpha: float = 1.0
     ld_alpha: float | None = None
     use_weighting: bool = False
 
@@ -114,6 +121,13 @@ class LossOptions:
         return any(
             name in ("simpo", "sigmoid_norm", "sft", "ipo", "orpo") for name in self.loss_type
         )
+
+    @property
+    def per_pair_inputs(self) -> tuple[str, ...]:
+        """The optional per-pair arrays of `dpo_loss_fn` the listed losses read, by name."""
+        lengths = ("chosen_lengths", "rejected_lengths") if self.needs_lengths else ()
+        declared = (n for name in self.loss_type for n in LOSS_VARIANTS[name].per_pair_inputs)
+        return tuple(dict.fromkeys((*lengths, *declared)))
 
 
 def batch_tokens(batch: dict[str, jax.Array]) -> jax.Array:
@@ -156,6 +170,26 @@ def _wpo_weights(policy: LogProbs, batch: dict[str, jax.Array]) -> tuple[jax.Arr
         policy.logps.shape[-1],
     )  # [B, 2, S]
     return _flat(weights, 0), _flat(weights, 1)
+
+
+def _side_lengths(side: int) -> Callable:
+    return lambda policy, batch: _flat(policy.lengths, side).astype(jnp.float32)
+
+
+def _rejected_unlikelihoods(policy: LogProbs, batch: dict[str, jax.Array]) -> jax.Array:
+    """[B·S] Σ_t log(1 − π(y_l,t)) over each rejected response's scored tokens."""
+    sums = sequence_log_unlikelihoods(
+        policy.token_logps, _scored(batch), batch["segment_ids"], policy.logps.shape[-1]
+    )  # [B, 2, S]
+    return _flat(sums, 1)
+
+
+# Each optional per-pair argument of dpo_loss_fn, from the policy's LogProbs and the batch.
+PER_PAIR_INPUTS: dict[str, Callable[[LogProbs, dict], jax.Array]] = {
+    "chosen_lengths": _side_lengths(0),
+    "rejected_lengths": _side_lengths(1),
+    "rejected_unlikelihoods": _rejected_unlikelihoods,
+}
 
 
 def _forward_logps(apply_fn: Callable, options: LossOptions, batch: dict[str, jax.Array]):
@@ -209,12 +243,7 @@ def loss_and_metrics(
     policy_logps = sequence_logps(policy, batch, options.ld_alpha)  # [B, 2, S]
     forward = _forward_logps(apply_fn, options, batch)
     ref_logps = reference_lib.reference_logps(reference, batch, forward)  # [B, 2, S]
-    lengths = {}
-    if options.needs_lengths:
-        lengths = dict(
-            chosen_lengths=_flat(policy.lengths, 0).astype(jnp.float32),
-            rejected_lengths=_flat(policy.lengths, 1).astype(jnp.float32),
-        )
+    per_pair = {name: PER_PAIR_INPUTS[name](policy, batch) for name in options.per_pair_inputs}
     bco = {}
     if options.uses_bco:
         bco = dict(bco_running_mean=bco_state[0], bco_running_count=bco_state[1])
@@ -241,8 +270,9 @@ def loss_and_metrics(
         bco_reward_shift=options.bco_reward_shift,
         ipo_form=options.ipo_form,
         simpo_gamma=options.simpo_gamma,
+        unlikelihood_alpha=options.unlikelihood_alpha,
         wpo_log_weights=_wpo_weights(policy, batch) if options.use_weighting else None,
-        **lengths,
+        **per_pair,
         **bco,
     )
     prefers_chosen = _flat(policy.logps, 0) > _flat(policy.logps, 1)  # [B·S]

@@ -1,10 +1,11 @@
 """The DPO paper's reward-vs-KL experiment in miniature: `python scripts/frontier.py`.
 
 Trains π_ref by SFT on the synthetic task, labels pairs of its samples by Bradley–Terry on the
-true reward, then runs DPO at several β, Preferred-FT and best-of-N, and writes frontier.csv,
-frontier_matched.csv (DPO minus the others at matched KL) and frontier.png to --out_dir (default
-docs/, the files README shows). About seven minutes on a 2-core CPU. The models come from
---config (the main job's, configs/default.py).
+true reward, then runs DPO at several β, Unlikelihood, Preferred-FT and best-of-N, and writes
+frontier.csv, frontier_matched.csv (DPO minus the others at matched KL) and frontier.png to
+--out_dir (default docs/, the files README shows). About seven minutes on a 2-core CPU (measured
+before Unlikelihood's run was added). The models come from --config (the main job's,
+configs/default.py).
 """
 
 import dataclasses

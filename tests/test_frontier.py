@@ -83,13 +83,14 @@ def test_frontier_writes_every_method_with_consistent_numbers(tmp_path):
     assert methods == [
         ("SFT reference", ""),
         ("DPO", "beta=0.5"),
+        ("Unlikelihood", "alpha=1.0"),
         ("Preferred-FT", ""),
         ("best-of-N", "N=1"),
         ("best-of-N", "N=2"),
         ("best-of-N", "N=4"),
     ]
     assert rows[0]["kl"] == 0.0  # the reference against itself
-    best = rows[3:]
+    best = rows[4:]
     assert [row["kl_bound"] for row in best] == [0.0, math.log(2) - 0.5, math.log(4) - 0.75]
     assert best[0]["kl"] == 0.0
     assert all(row["kl"] <= row["kl_bound"] + 1e-12 for row in best)  # ties only lower it

@@ -153,6 +153,11 @@ def ref_kto(b, beta, desirable_weight=1.0, undesirable_weight=1.0):
     return np.mean(np.where(b["lab"] > 0.5, desirable, undesirable))
 
 
+def ref_unlikelihood(b, alpha=1.0):
+    # b["ul"]: Σ_t log(1 − π(y_l,t)) per pair (tests/test_unlikelihood.py builds it from tokens).
+    return np.mean(-b["pc"] - alpha * b["ul"])
+
+
 # (loss_type, keyword arguments for dpo_loss_fn, NumPy reference of the valid pairs)
 CASES = [
     ("sigmoid", {}, lambda b: ref_sigmoid(b, BETA)),
@@ -198,10 +203,16 @@ CASES = [
         {"labels": True, "desirable_weight": 1.5, "undesirable_weight": 0.7},
         lambda b: ref_kto(b, BETA, 1.5, 0.7),
     ),
+    ("unlikelihood", {"unlikelihoods": True}, lambda b: ref_unlikelihood(b)),
+    (
+        "unlikelihood",
+        {"unlikelihoods": True, "unlikelihood_alpha": 0.3},
+        lambda b: ref_unlikelihood(b, 0.3),
+    ),
 ]
 # What each variant needs passed besides the log-probs, under its default forms.
 NEEDS = {"simpo": "lengths", "sigmoid_norm": "lengths", "orpo": "lengths", "ipo": "lengths"}
-NEEDS.update(sft="lengths", kto="labels", exo_pair="label_smoothing")
+NEEDS.update(sft="lengths", kto="labels", exo_pair="label_smoothing", unlikelihood="unlikelihoods")
 
 
 def needed_kwargs(loss_type):
@@ -230,13 +241,16 @@ def make_batch(seed: int, num_pairs: int = 8) -> dict[str, np.ndarray]:
         "lc": rng.integers(1, 40, num_pairs).astype(np.float64),
         "lr": rng.integers(1, 40, num_pairs).astype(np.float64),
         "lab": (rng.uniform(size=num_pairs) < 0.5).astype(np.float64),  # kto: 1 = desirable
+        "ul": -rng.uniform(0.1, 20.0, num_pairs),  # unlikelihood: Σ_t log(1 − π(y_l,t))
     }
 
 
 def call_loss(b, loss_type, kwargs, dtype=jnp.float32, **extra):
     """dpo_loss_fn on batch `b`; kwargs may hold `lengths=True` to pass the token counts and
-    `labels=True` to pass b["lab"] as kto_labels."""
+    `labels=True` to pass b["lab"] as kto_labels, `unlikelihoods=True` to pass b["ul"]."""
     kwargs = dict(kwargs)
+    if kwargs.pop("unlikelihoods", False):
+        kwargs["rejected_unlikelihoods"] = jnp.asarray(b["ul"], dtype)
     if kwargs.pop("lengths", False):
         kwargs["chosen_lengths"] = jnp.asarray(b["lc"], dtype)
         kwargs["rejected_lengths"] = jnp.asarray(b["lr"], dtype)
@@ -365,6 +379,7 @@ def test_gradients_match_finite_differences(loss_type, kwargs, reference):
     b = make_batch(8, num_pairs=5)
     kwargs = dict(kwargs)
     use_lengths = kwargs.pop("lengths", False)
+    use_unlikelihoods = kwargs.pop("unlikelihoods", False)
     if kwargs.pop("labels", False):
         kwargs["kto_labels"] = jnp.asarray(b["lab"] > 0.5)
     if loss_type == "bco_pair":
@@ -372,6 +387,8 @@ def test_gradients_match_finite_differences(loss_type, kwargs, reference):
         # freezes it (the batch's weight in it is 1e-15) so both sides differentiate the same.
         kwargs.update(bco_running_mean=0.2, bco_running_count=1e15)
     with jax.enable_x64(True):
+        if use_unlikelihoods:
+            kwargs["rejected_unlikelihoods"] = jnp.asarray(b["ul"], jnp.float64)
         if use_lengths:
             kwargs["chosen_lengths"] = jnp.asarray(b["lc"])
             kwargs["rejected_lengths"] = jnp.asarray(b["lr"])
@@ -401,7 +418,8 @@ SHIFT_INVARIANT = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", 
 INVARIANT_KWARGS = {"ipo": {"ipo_form": "summed"}, "exo_pair": {"label_smoothing": 0.1}}
 # These read Δc and Δr one at a time (nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, kto),
 # sort Δc and Δr separately so the shift changes which values meet (aot_unpaired), divide each
-# side by a different length (simpo, sigmoid_norm, orpo), or read log π(y_w) alone (sft).
+# side by a different length (simpo, sigmoid_norm, orpo), or read log π(y_w) alone (sft,
+# unlikelihood).
 NOT_SHIFT_INVARIANT = [
     "nca_pair",
     "bco_pair",
@@ -414,6 +432,7 @@ NOT_SHIFT_INVARIANT = [
     "sft",
     "orpo",
     "kto",
+    "unlikelihood",
 ]
 
 shift_arrays = st.lists(
@@ -665,6 +684,11 @@ BAD_INPUTS = [
         "undesirable_weight=0.0 must be > 0 for loss_type 'kto'",
     ),
     ({"loss_type": ["aot_pair", "aot_unpaired"]}, "names a loss twice"),
+    ({"loss_type": "unlikelihood"}, "rejected_unlikelihoods=None but loss_type 'unlikelihood'"),
+    (
+        {"loss_type": "unlikelihood", "rejected_unlikelihoods": P, "unlikelihood_alpha": -1.0},
+        "unlikelihood_alpha=-1.0 must be >= 0",
+    ),
 ]
 
 

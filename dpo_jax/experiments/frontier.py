@@ -8,8 +8,10 @@ The paper's IMDb setup, with each part replaced by one this CPU can run in minut
 - preference pairs: two completions sampled from π_ref per training prompt, labelled by
   Bradley–Terry on the true reward, p(y1 ≻ y2) = σ(s·(r(y1) − r(y2))) with scale s;
 - policies: DPO at several β; Preferred-FT (SFT from π_ref on the chosen completions);
-  best-of-N from π_ref (N = 1, 2, 4, ...), its KL estimated with ties counted (the analytic
-  log N − (N − 1)/N of Stiennon et al. 2020 is an upper bound, reached only without ties);
+  Unlikelihood (`losses` "unlikelihood": likelihood on the chosen, unlikelihood on the rejected
+  completion's tokens, at each α); best-of-N from π_ref (N = 1, 2, 4, ...), its KL estimated
+  with ties counted (the analytic log N − (N − 1)/N of Stiennon et al. 2020 is an upper bound,
+  reached only without ties);
 - each trained policy is scored on held-out prompts by one temperature-1 sample per prompt:
   its mean true reward and the sequence-level KL(π ‖ π_ref) of those samples;
 - the curve no policy can beat, π_ref·exp(r/τ)/Z, estimated from π_ref's draws, and each
@@ -66,9 +68,11 @@ OPTIMAL_TEMPERATURES = (
 
 @dataclasses.dataclass(frozen=True)
 class FrontierSettings:
-    """The experiment's knobs (defaults: about seven minutes on a 2-core CPU)."""
+    """The experiment's knobs (defaults: about seven minutes on a 2-core CPU, measured before
+    Unlikelihood's run was added)."""
 
     betas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0)  # DPO's β values
+    unlikelihood_alphas: tuple[float, ...] = (1.0,)  # Unlikelihood's α values; () = none
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)  # N of best-of-N
     # π_ref samples per held-out prompt that estimate best-of-N's KL and the KL-optimal curve
     # (≥ max(best_of); best-of-N's reward reads the first N of them)
@@ -76,13 +80,13 @@ class FrontierSettings:
     sft_steps: int = 120  # SFT steps that build π_ref (few: π_ref should be often wrong)
     # Steps × batch_size ≈ the number of pairs (about half the prompts): one pass, so that no
     # pair is fitted twice (4.7 passes over 4,071 pairs spent KL on fitting them, not on reward)
-    tune_steps: int = 256  # steps of each DPO and Preferred-FT run
-    batch_size: int = 64  # pairs per step of each DPO and Preferred-FT run
+    tune_steps: int = 256  # steps of each DPO, Preferred-FT and Unlikelihood run
+    batch_size: int = 64  # pairs per step of each of those runs
     num_train_prompts: int = 32768  # prompts whose two sampled completions make a pair
     num_eval_prompts: int = 1024  # held-out prompts each policy is scored on
     reward: str = "high_digits"  # the true reward, a name in evaluation.REWARD_FUNCTIONS
     reward_scale: float = 10.0  # s of Bradley–Terry on the true reward
-    learning_rate: float = 1e-4  # of DPO and Preferred-FT (AdamW, the main job's DPO rate)
+    learning_rate: float = 1e-4  # of every tuning run (AdamW, the main job's DPO rate)
     seed: int = 0
 
 
@@ -232,6 +236,20 @@ def _tuning_runs(settings: FrontierSettings, reference_dir: str, pairs_path: str
             {**tune, "dpo.beta": beta, "sft.num_steps": 0, "dpo.num_steps": settings.tune_steps},
         )
         for beta in settings.betas
+    ]
+    runs += [
+        (
+            "Unlikelihood",
+            f"alpha={alpha}",
+            {
+                **tune,
+                "dpo.loss_type": "unlikelihood",
+                "dpo.unlikelihood_alpha": alpha,
+                "sft.num_steps": 0,
+                "dpo.num_steps": settings.tune_steps,
+            },
+        )
+        for alpha in settings.unlikelihood_alphas
     ]
     preferred_ft = {
         **tune,
@@ -430,7 +448,13 @@ def _draw(axes, result: FrontierResult) -> None:
         alpha=0.35,
         label="best-of-N at its KL bound",
     )
-    styles = {"DPO": "o-", "Preferred-FT": "s", "best-of-N": "^--", "SFT reference": "k*"}
+    styles = {
+        "DPO": "o-",
+        "Preferred-FT": "s",
+        "Unlikelihood": "D",
+        "best-of-N": "^--",
+        "SFT reference": "k*",
+    }
     for method, style in styles.items():
         points = [row for row in result.rows if row["method"] == method]
         axes.errorbar(
@@ -446,7 +470,7 @@ def _draw(axes, result: FrontierResult) -> None:
         )
         for row in points:
             axes.annotate(
-                row["setting"].replace("beta=", "β="),
+                row["setting"].replace("beta=", "β=").replace("alpha=", "α="),
                 (row["kl"], row["reward"]),
                 fontsize=7,
                 xytext=(4, -9),

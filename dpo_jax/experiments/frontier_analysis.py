@@ -137,11 +137,16 @@ def matched_kl(point: dict, curve_rows: list[dict], kl_field: str = "kl"):
     return float(difference.mean()), math.hypot(stderr(difference), slope * kl_stderr)
 
 
+# Methods whose points the DPO curve is read at (one tuned model per point, not a curve).
+DPO_CURVE_AGAINST = ("Preferred-FT", "Unlikelihood")
+
+
 def compare(rows: list[dict], optimal: list[dict]) -> list[dict]:
     """Matched-KL differences, DPO minus each other method (COMPARISON_FIELDS).
 
     Each DPO point against best-of-N (at its estimated KL and at its bound) and against the
-    KL-optimal curve; the DPO curve against Preferred-FT at Preferred-FT's KL.
+    KL-optimal curve; the DPO curve against Preferred-FT and each Unlikelihood point at that
+    point's KL.
     """
     dpo = [row for row in rows if row["method"] == "DPO"]
     best = [row for row in rows if row["method"] == "best-of-N"]
@@ -156,10 +161,11 @@ def compare(rows: list[dict], optimal: list[dict]) -> list[dict]:
             found = matched_kl(row, curve_rows, kl_field)
             if found is not None:
                 comparisons.append(_comparison(f"DPO {row['setting']}", against, row, found))
-    for row in rows:
-        found = matched_kl(row, dpo) if row["method"] == "Preferred-FT" else None
-        if found is not None:  # Preferred-FT minus DPO, turned round
-            comparisons.append(_comparison("DPO", "Preferred-FT", row, (-found[0], found[1])))
+    for row in (row for row in rows if row["method"] in DPO_CURVE_AGAINST):
+        found = matched_kl(row, dpo)
+        if found is not None:  # the other method minus DPO, turned round
+            against = f"{row['method']} {row['setting']}".strip()
+            comparisons.append(_comparison("DPO", against, row, (-found[0], found[1])))
     return comparisons
 
 
