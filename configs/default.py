@@ -141,6 +141,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dpo.ref_sync_every = 0  # reference="moving": ref <- α·policy + (1−α)·ref every N steps
     config.dpo.ref_sync_alpha = 0.6  # reference="moving": TR-DPO α in [0, 1]
 
+    # Reward model (dpo_jax.reward_model, scripts/train_reward_model.py): Bradley-Terry on the
+    # DPO stage's pairs, a scalar head on the SFT model's last hidden state at each response's end
+    config.reward_model = ml_collections.ConfigDict()
+    config.reward_model.num_steps = 200  # optimizer steps of the reward model
+    config.reward_model.learning_rate = 1e-3  # peak learning rate (AdamW as config.optimizer)
+    config.reward_model.warmup_steps = 10  # linear warmup steps
+
     # LoRA (dpo_jax.lora) in the DPO stage: the state trains low-rank adapters A [in, r],
     # B [r, out] on the matching linear kernels, W' = W + (alpha / r)·A·B; the base is held once
     # and is the reference. An SFT stage before it (sft.num_steps) trains the full model.
@@ -224,6 +231,7 @@ def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.data.eval_batch_size = 16
         config.sft.num_steps = 2
         config.dpo.num_steps = 2
+        config.reward_model.num_steps = 2
         config.checkpoint.every_steps = 2
         config.log.every_steps = 1
         config.log.eval_every_steps = 0

@@ -35,6 +35,8 @@ class Stage:
         moving, none or adapters_off); train and eval read it the same way.
       train_batches: iterator of host batches with get_state/set_state.
       eval_batches: list of host batches (possibly empty).
+      update_fn, eval_fn: the stage's pure steps, with `dpo_jax.step.update_fn`'s and
+        `eval_fn`'s signatures (the reward model's stage brings its own: `dpo_jax.reward_model`).
     """
 
     name: str
@@ -45,6 +47,8 @@ class Stage:
     reference: reference_lib.Reference
     train_batches: Any
     eval_batches: list
+    update_fn: Any = step_lib.update_fn
+    eval_fn: Any = step_lib.eval_fn
     eval_step: Any = None  # the compiled eval_fn, made on first use and kept
 
 
@@ -200,13 +204,13 @@ def restore_or_init(manager, stage: Stage, initial_params: Any, ctx: Context):
 
 
 def compile_update(stage: Stage, ctx: Context, state_sharding: Any, sample_batch: dict):
-    """The jitted update_fn of a stage: the one `jax.jit` of the training step.
+    """The jitted `stage.update_fn`: the one `jax.jit` of the training step.
 
     The state is donated (its buffers are reused for the new state); the reference, the batch
     and the key are not.
     """
     update = functools.partial(
-        step_lib.update_fn,
+        stage.update_fn,
         apply_fn=ctx.apply_fn,
         tx=stage.tx,
         schedule=stage.schedule,
@@ -228,8 +232,8 @@ def compile_update(stage: Stage, ctx: Context, state_sharding: Any, sample_batch
 
 
 def compile_eval(stage: Stage, ctx: Context, sample_batch: dict):
-    """The jitted eval_fn of a stage (metrics only, nothing donated)."""
-    evaluate = functools.partial(step_lib.eval_fn, apply_fn=ctx.apply_fn, options=stage.options)
+    """The jitted `stage.eval_fn` (metrics only, nothing donated)."""
+    evaluate = functools.partial(stage.eval_fn, apply_fn=ctx.apply_fn, options=stage.options)
     return jax.jit(
         evaluate,
         in_shardings=(

@@ -393,18 +393,18 @@ def update_fn(
             bco_running_mean=metrics["bco/running_mean"],
             bco_running_count=metrics["bco/running_count"],
         )
-    finite = _all_finite(metrics["loss"], metrics["grad_norm"], params)
+    finite = all_finite(metrics["loss"], metrics["grad_norm"], params)
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
-    return _applied_if(finite, new_state, state), metrics
+    return applied_if(finite, new_state, state), metrics
 
 
-def _all_finite(loss: jax.Array, grad_norm: jax.Array, params: Any) -> jax.Array:
+def all_finite(loss: jax.Array, grad_norm: jax.Array, params: Any) -> jax.Array:
     """[] bool: the loss, the gradient norm and every new param are finite."""
     leaves_finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]
     return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.stack(leaves_finite))
 
 
-def _applied_if(finite: jax.Array, new_state: TrainState, state: TrainState) -> TrainState:
+def applied_if(finite: jax.Array, new_state: TrainState, state: TrainState) -> TrainState:
     """The new state where the step was finite; else the old one with only the step counted.
 
     A guard over the whole state (params, optimizer, bco mean, moving reference) at once: a
