@@ -120,7 +120,8 @@ def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
             remat=config.model.remat,
             attention_impl=config.model.attention_impl,
         )
-        return ModelConfig.from_hf_config(read_hf_config(config.model.hf_path), **overrides)
+        source = os.path.join(config.model.hf_path, "config.json")
+        return ModelConfig.from_hf_config(read_hf_config(config.model.hf_path), source, **overrides)
     _, model_config, _ = train.load_model(config, workdir=os.path.expanduser("~/.cache/dpo_jax"))
     return model_config
 

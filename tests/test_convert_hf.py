@@ -46,8 +46,16 @@ TINY_MODELS = {
             attention_bias=True,
         ),
     ),
-    "mistral": ("MistralConfig", dict(_COMMON, num_hidden_layers=2, sliding_window=5)),
-    "qwen2": ("Qwen2Config", dict(_COMMON, num_hidden_layers=2, tie_word_embeddings=True)),
+    # Every family with a RoPE base other than transformers' default (10,000), as released models
+    # have: a reader that falls back to the default then fails the logits test.
+    "mistral": (
+        "MistralConfig",
+        dict(_COMMON, num_hidden_layers=2, sliding_window=5, rope_theta=1_000_000.0),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(_COMMON, num_hidden_layers=2, tie_word_embeddings=True, rope_theta=1_000_000.0),
+    ),
     "qwen2_sliding": (
         "Qwen2Config",
         dict(
@@ -56,9 +64,13 @@ TINY_MODELS = {
             use_sliding_window=True,
             sliding_window=5,
             max_window_layers=1,
+            rope_theta=1_000_000.0,
         ),
     ),
-    "qwen3": ("Qwen3Config", dict(_COMMON, num_hidden_layers=2, head_dim=32)),
+    "qwen3": (
+        "Qwen3Config",
+        dict(_COMMON, num_hidden_layers=2, head_dim=32, rope_theta=1_000_000.0),
+    ),
     "gemma3": (
         "Gemma3TextConfig",
         dict(
@@ -217,7 +229,12 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps(
             TINY_MODELS["llama"][1]
-            | {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2}
+            | {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "num_hidden_layers": 2,
+                "rope_theta": 10_000.0,
+            }
         )
     )
     with pytest.raises(FileNotFoundError, match="model.safetensors"):

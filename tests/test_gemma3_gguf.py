@@ -8,6 +8,8 @@ because transformers' GGUF tokenizer for Gemma is wrong (it builds a Unigram mod
 ranks); our tokenizer is checked against a plain-Python SentencePiece BPE written here instead.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from dpo_jax.models import convert_gguf
+from dpo_jax.models import ModelConfig, convert_gguf
 from dpo_jax.models.transformer import logits as model_logits
 from dpo_jax.tokenizer import check_tokenizer_fits
 
@@ -116,9 +118,15 @@ def test_config_matches_transformers(converted, transformers_checkpoint):
     ours = transformers.Gemma3TextConfig(**hf_config).to_dict()
     theirs = transformers.Gemma3TextConfig(**transformers_checkpoint["config"]).to_dict()
     # Keys transformers' reader leaves to Gemma3TextConfig's defaults must agree with ours too.
+    # RoPE: transformers 4.x keeps rope_theta, rope_local_base_freq and rope_scaling, 5.x one
+    # rope_parameters dict per layer type (dpo_jax.models.hf_config).
+    rope_keys = [k for k in ("rope_theta", "rope_local_base_freq", "rope_scaling",
+                             "rope_parameters") if k in theirs]  # fmt: skip
+    assert rope_keys in (["rope_theta", "rope_local_base_freq", "rope_scaling"],
+                         ["rope_parameters"])  # fmt: skip
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",
-                "rope_local_base_freq", "rope_scaling", "sliding_window", "layer_types",
+                "num_attention_heads", "num_key_value_heads", "head_dim", *rope_keys,
+                "sliding_window", "layer_types",
                 "query_pre_attn_scalar", "hidden_activation", "final_logit_softcapping",
                 "attn_logit_softcapping", "max_position_embeddings", "tie_word_embeddings",
                 "bos_token_id", "eos_token_id", "pad_token_id"):  # fmt: skip
@@ -127,6 +135,16 @@ def test_config_matches_transformers(converted, transformers_checkpoint):
     assert ours["rms_norm_eps"] == 1e-6
     assert np.float32(theirs["rms_norm_eps"]) == np.float32(1e-6)
     assert ours["layer_types"].count("full_attention") == 3  # layers 5, 11, 17
+
+
+def test_export_config_loads_in_transformers_as_the_same_model(gemma3_270m, tmp_path):
+    """The HF export's config.json of the real model loads in the installed transformers (5.x's
+    strict config classes refused a float query_pre_attn_scalar) and reads back unchanged."""
+    config, _, _ = gemma3_270m
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_config()))
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "Gemma3TextConfig"
+    assert ModelConfig.from_hf_config(loaded.to_dict()) == config
 
 
 @pytest.mark.slow

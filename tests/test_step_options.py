@@ -24,6 +24,7 @@ def _tiny_model(**changes) -> ModelConfig:
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
             "head_dim": 8,
+            "rope_theta": 10_000.0,
         }
     )
     return dataclasses.replace(config, **changes)

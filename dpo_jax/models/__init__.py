@@ -7,8 +7,9 @@ Decoding with a KV cache: `cache = init_cache(config, batch_size, max_length)`, 
 logits [N, L, V] float32): once with the whole left-padded prompt, then once per new token.
 """
 
-from dpo_jax.models.config import ARCHITECTURES, FAMILIES, ModelConfig
+from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.convert_hf import load_hf, params_from_hf_tensors, save_hf
+from dpo_jax.models.hf_config import ARCHITECTURES, FAMILIES
 from dpo_jax.models.kv_cache import KVCache, init_cache
 from dpo_jax.models.transformer import (
     init_params,

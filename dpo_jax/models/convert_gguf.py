@@ -82,7 +82,7 @@ def load_gguf(path: str | os.PathLike, *, lazy: bool = False, **config_overrides
         fit the model described by the metadata.
     """
     hf_config, tensors, tokenizer = gguf_to_hf(path, lazy=lazy)
-    config = ModelConfig.from_hf_config(hf_config, **config_overrides)
+    config = ModelConfig.from_hf_config(hf_config, str(path), **config_overrides)
     check_tokenizer_fits(tokenizer, config)
     if lazy:
         return config, convert_hf.lazy_params_from_hf_tensors(config, tensors), tokenizer

@@ -433,12 +433,14 @@ def load_hf(
 
     Raises:
         FileNotFoundError: config.json or the weights are missing (names the path).
-        ValueError: unsupported architecture, or a tensor missing or of the wrong shape.
+        ValueError: unsupported architecture or setting, missing or unknown RoPE settings (naming
+            config.json and the key), or a tensor missing or of the wrong shape.
     """
     hf_config = read_hf_config(model_dir)
     if "param_dtype" not in config_overrides:
         config_overrides["param_dtype"] = checkpoint_dtype(hf_config)
-    config = ModelConfig.from_hf_config(hf_config, **config_overrides)
+    source = os.path.join(model_dir, CONFIG_FILE)
+    config = ModelConfig.from_hf_config(hf_config, source, **config_overrides)
     tensors = {}
     for path in _safetensors_files(model_dir):
         for name in _tensor_names(path):
