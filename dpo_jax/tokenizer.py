@@ -162,9 +162,10 @@ class Tokenizer:
 
         The backend is a copy of `hf_tokenizer.backend_tokenizer` (padding and truncation
         settings that transformers keeps on it do not carry over); the special tokens and the
-        chat template are the tokenizer's own. add_bos is its `add_bos_token` when it has one,
-        else whether its post-processor adds bos (as `from_dir` decides). transformers is not
-        imported here: any object with these attributes works.
+        chat template are the tokenizer's own. add_bos is what the tokenizer itself does: whether
+        its `encode` (with special tokens) starts with bos; without `encode`, its
+        `add_bos_token`, else whether its post-processor adds bos (as `from_dir` decides).
+        transformers is not imported here: any object with these attributes works.
 
         Raises:
           TypeError: `hf_tokenizer` is not a fast (`tokenizers`-backed) tokenizer.
@@ -190,10 +191,7 @@ class Tokenizer:
         tokenizer = cls(
             backend, **tokens, add_bos=False, chat_template=template, chat_template_source=source
         )
-        add_bos = getattr(hf_tokenizer, "add_bos_token", None)
-        if add_bos is None:
-            with_special = backend.encode("", add_special_tokens=True).ids
-            add_bos = tokenizer.bos_id is not None and with_special[:1] == [tokenizer.bos_id]
+        add_bos = _adds_bos(hf_tokenizer, backend, tokenizer.bos_id)
         if add_bos and tokenizer.bos_id is None:
             raise ValueError("add_bos_token is true but the tokenizer has no bos_token")
         tokenizer.add_bos = bool(add_bos)
@@ -369,3 +367,18 @@ def _compile_chat_template(chat_template: str) -> jinja2.Template:
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
     return environment.from_string(chat_template)
+
+
+def _adds_bos(hf_tokenizer: Any, backend: tokenizers.Tokenizer, bos_id: int | None) -> bool:
+    """Whether `hf_tokenizer` starts a sequence with bos, as it does it rather than as it says:
+    transformers 5's TokenizersBackend reports `add_bos_token=False` for a tokenizer.json whose
+    post-processor adds bos, and its own `encode` adds it (4.57's PreTrainedTokenizerFast has no
+    such attribute; its Llama tokenizer keeps the attribute and the post-processor in step)."""
+    encode = getattr(hf_tokenizer, "encode", None)
+    if callable(encode):
+        with_special = list(encode("", add_special_tokens=True))
+    elif getattr(hf_tokenizer, "add_bos_token", None) is not None:
+        return bool(hf_tokenizer.add_bos_token)
+    else:
+        with_special = backend.encode("", add_special_tokens=True).ids
+    return bos_id is not None and with_special[:1] == [bos_id]
