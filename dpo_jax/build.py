@@ -57,7 +57,7 @@ def _kto_options(config, stage: str, batch_size: int) -> dict[str, Any]:
     return {}
 
 
-def stage_train_batches(config, tokenizer, source, counts: dict, stage: str):
+def _train_batches(config, tokenizer, source, counts: dict, stage: str):
     name = source if isinstance(source, str) else f"[{stage}] train records"
     coverage.check(source, tokenizer, max_rate=config.data.max_unknown_token_rate, name=name)
     iterator, stats = make_pair_iterator(
@@ -79,7 +79,7 @@ def stage_train_batches(config, tokenizer, source, counts: dict, stage: str):
     return iterator
 
 
-def stage_eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
+def _eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
     if source is None:
         return []
     batches, stats = make_eval_batches(
@@ -156,8 +156,8 @@ def make_sft_stage(config, tokenizer, ctx: Context, sources, counts: dict) -> St
         tx=tx,
         schedule=schedule,
         reference=reference_lib.NoReference(),
-        train_batches=stage_train_batches(config, tokenizer, sources[0], counts, "sft"),
-        eval_batches=stage_eval_batches(config, tokenizer, sources[1], counts, "sft"),
+        train_batches=_train_batches(config, tokenizer, sources[0], counts, "sft"),
+        eval_batches=_eval_batches(config, tokenizer, sources[1], counts, "sft"),
     )
 
 
@@ -213,8 +213,8 @@ def make_dpo_stage(
     tx, schedule = stage_optimizer(
         config, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.dpo.num_steps
     )
-    train_batches = stage_train_batches(config, tokenizer, sources[0], counts, "dpo")
-    eval_batches = stage_eval_batches(config, tokenizer, sources[1], counts, "dpo")
+    train_batches = _train_batches(config, tokenizer, sources[0], counts, "dpo")
+    eval_batches = _eval_batches(config, tokenizer, sources[1], counts, "dpo")
     reference = make_reference(config, initial_params)
     if isinstance(reference, reference_lib.PrecomputedReference):
         if reference_kind(config) == "cached":

@@ -156,8 +156,9 @@ def make_reward_stage(config, tokenizer, ctx, sources, counts: dict) -> stage_li
         tx=tx,
         schedule=schedule,
         reference=reference_lib.NoReference(),
-        train_batches=build.stage_train_batches(config, tokenizer, sources[0], counts, "dpo"),
-        eval_batches=build.stage_eval_batches(config, tokenizer, sources[1], counts, "dpo"),
+        # The DPO stage's own builders: the same pipeline, counts and checks, no second data path.
+        train_batches=build._train_batches(config, tokenizer, sources[0], counts, "dpo"),
+        eval_batches=build._eval_batches(config, tokenizer, sources[1], counts, "dpo"),
         update_fn=update_fn,
         eval_fn=eval_fn,
     )
