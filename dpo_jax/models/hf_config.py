@@ -242,8 +242,9 @@ def _normalised(params: dict, theta: Any, source: str, key: str) -> dict[str, An
     """{rope_type, rope_theta, <the type's scaling keys>} as floats/ints, or an error."""
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
+        supported = ", ".join(ROPE_TYPES)
         raise ValueError(
-            f"{source}: {key}.rope_type={rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+            f"{source}: {key}.rope_type={rope_type!r} is not supported (supported: {supported})"
         )
     if theta is None:
         raise ValueError(f"{source}: {key} sets rope_type={rope_type!r} but no rope_theta")
