@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpo_jax import errors
 from dpo_jax.guards import check_finite
 from dpo_jax.models import ModelConfig, save_hf
 from dpo_jax.models.convert_peft import save_peft
@@ -64,18 +65,34 @@ def save(
       rng: the run's base key (a typed PRNG key).
       data_state: the data iterator's `get_state()`, JSON-serialisable.
       force: save even when `step` is not a multiple of every_steps.
+
+    Raises:
+      OSError: the disk is full (this save's or the previous one's write, which orbax reports
+        here), naming the checkpoints directory.
     """
     if not (force or manager.should_save(step)):
         return False
     check_finite(state.params, f"checkpoint of step {step}")  # never write NaN weights
     items = {"train_state": state, "rng": _global_key_data(rng, state.step.sharding)}
-    return manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(items), data=ocp.args.JsonSave(data_state)
-        ),
-        force=force,
-    )
+    with errors.naming_full_disk(str(manager.directory)):
+        return manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(items), data=ocp.args.JsonSave(data_state)
+            ),
+            force=force,
+        )
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight to be written.
+
+    Raises:
+      OSError: the disk is full, naming the checkpoints directory (orbax's own error names a
+        file deep in its temporary directory, or none).
+    """
+    with errors.naming_full_disk(str(manager.directory)):
+        manager.wait_until_finished()
 
 
 def _global_key_data(rng: jax.Array, replicated: jax.sharding.Sharding) -> jax.Array:

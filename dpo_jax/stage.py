@@ -341,8 +341,10 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
             state, history = loop.run(state, rng, start, stop)
     finally:
         bar.close()
-        writer.close()
-        manager.wait_until_finished()
+        try:
+            writer.close()
+        finally:  # the save in flight is waited for even when the disk refuses the metrics
+            checkpoint.wait_until_finished(manager)
     return state, history
 
 
@@ -417,7 +419,7 @@ class _Loop:
         if pending is not None:
             history.append(self._log(pending))
         self._save(done, state, rng, force=True)
-        self.manager.wait_until_finished()
+        checkpoint.wait_until_finished(self.manager)
         where = os.path.join(self.ctx.workdir, self.stage.name, "checkpoints", str(done))
         raise errors.Preempted(
             f"[{self.stage.name}] {signal_name} received: saved step {done} to {where}; "

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpo_jax import checkpoint, evaluation, run_config, sharding
+from dpo_jax import checkpoint, errors, evaluation, run_config, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax.build import (  # noqa: F401 - re-exported: the stage builders' public names
     REFERENCE_FREE_LOSSES,
@@ -67,7 +67,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         trained with another config (`dpo_jax.run_config`).
       errors.Preempted: SIGTERM/SIGINT; the step boundary that followed was checkpointed.
       errors.Diverged: a non-finite step (`config.guards`); nothing non-finite was written.
+      OSError: the disk is full, naming the checkpoints directory or else the workdir.
     """
+    with errors.naming_full_disk(workdir):  # a flush's ENOSPC names no file
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_config(config)
     run_config.check_workdir(config, workdir)
     mesh = make_mesh(config)

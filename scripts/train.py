@@ -39,6 +39,8 @@ def main(argv):
     from dpo_jax import distributed, errors  # after flag parsing, so --help stays fast
     from dpo_jax.train import train_and_evaluate
 
+    if not _VERBOSE.value:  # a full disk's echoes from orbax's threads: held, dropped if reported
+        errors.hold_background_reports()
     try:
         distributed.initialize(
             mode=_MODE.value,

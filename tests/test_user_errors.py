@@ -5,6 +5,8 @@ import json
 import os
 import pathlib
 import re
+import resource
+import signal
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 from tiny_tokenizers import make_word_tokenizer  # noqa: E402
 
+from dpo_jax import errors  # noqa: E402
 from dpo_jax.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +27,7 @@ CONFIG_SCRIPTS = sorted(
 )
 
 
-def _script(name, *flags, timeout=120):
+def _script(name, *flags, timeout=120, preexec_fn=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / name), *flags],
         cwd=ROOT,
@@ -32,6 +35,7 @@ def _script(name, *flags, timeout=120):
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -139,3 +143,82 @@ def test_a_template_error_names_the_file_it_came_from(tmp_path, in_file):
         )
     with pytest.raises(ValueError, match=re.escape(expected)):
         Tokenizer.from_dir(path).apply_chat_template(CONVERSATION["prompt"])
+
+
+def _cap_file_size(limit_bytes):
+    """For the child: files over `limit_bytes` refused (EFBIG, SIGXFSZ ignored), for every
+    library that writes, as a full disk refuses them (ENOSPC)."""
+
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return cap
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """(directory, mounted): a 192 KiB tmpfs mounted there where this process may mount (root:
+    CI, the sandbox), else a plain directory, to be written under `_cap_file_size`."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    try:
+        mount = ["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(directory)]
+        mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    yield directory, mounted
+    if mounted:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_as_the_workdir_is_one_line_naming_it(small_filesystem):
+    # Before: orbax's RESOURCE_EXHAUSTED (or an OSError naming no file), after 70-127 frames of
+    # tracebacks from orbax's threads, tensorstore's callbacks and tensorboardX's exit hook.
+    directory, mounted = small_filesystem
+    workdir = directory / "run"
+    process = _script(
+        "train.py",
+        "--config=configs/default.py:tiny",
+        "--config.sft.num_steps=0",  # the DPO stage's first checkpoint fills it
+        f"--workdir={workdir}",
+        timeout=300,
+        preexec_fn=None if mounted else _cap_file_size(16 * 1024),
+    )
+    assert process.returncode == 1
+    reason, remedy = (
+        ("no space left on the device", "free some space")
+        if mounted
+        else ("file too large for the file-size limit (ulimit -f)", "raise the limit")
+    )
+    # The checkpoint being written, or (a metrics flush, which names no file) the workdir.
+    line = (
+        rf"error: {re.escape(reason)}: {workdir}(/dpo/checkpoints)?; {remedy} and rerun to resume"
+    )
+    assert re.fullmatch(rf"{line}\n\(run with --verbose for the traceback\)\n", process.stderr), (
+        process.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "raised, message",
+    [
+        (OSError(28, "No space left on device"), "no space left on the device: /w; free some"),
+        (  # tensorstore's, as orbax re-raises it
+            ValueError("RESOURCE_EXHAUSTED: Error writing ... [os_error_code='28']"),
+            "no space left on the device: /w; free some",
+        ),
+        (OSError(122, "Disk quota exceeded"), "disk quota exceeded: /w; free some"),
+        (  # a file named by the error is kept
+            OSError(28, "No space left on device", "/w/run_config.json"),
+            "no space left on the device: /w/run_config.json; free some",
+        ),
+    ],
+)
+def test_a_write_refused_for_room_names_the_directory(raised, message):
+    with pytest.raises(OSError) as caught, errors.naming_full_disk("/w"):
+        raise raised
+    assert errors.user_message(caught.value).startswith(message)
+    assert (
+        errors.user_message(ValueError("RESOURCE_EXHAUSTED: quota")) == "RESOURCE_EXHAUSTED: quota"
+    )
