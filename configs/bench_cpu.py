@@ -77,8 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _gemma3_fields(config: ml_collections.ConfigDict) -> None:
-    """Gemma 3 270M (its GGUF's config, random weights), 8 pairs of 256 + 256 tokens, as README's
-    Gemma run: remat, the chunked head, RMSprop; one untimed and one timed step (minutes each)."""
+    """Gemma 3 270M (its GGUF's config, random weights), 8 pairs of 256 + 256 tokens, as the Gemma
+    run of docs/benchmarks.md: remat, the chunked head, RMSprop; one untimed and one timed step
+    (minutes each)."""
     config.model.source = "gguf"
     config.model.gguf_path = ""  # the packaged GGUF, assembled into bench.workdir
     config.data.tokenizer = "model"

@@ -21,7 +21,7 @@ Variants (`configs/default.py:<variant>`):
   tr_dpo     TR-DPO: the reference is pulled towards the policy every 16 steps (α = 0.6).
   packed     two pairs packed into each row (segment ids).
   kto        KTO (arXiv:2402.01306) instead of DPO: each pair becomes a desirable and an
-             undesirable completion; β = 2 (README, "KTO on the synthetic task").
+             undesirable completion; β = 2 (docs/results.md, "KTO on the synthetic task").
   lora       the DPO stage trains rank-8 LoRA adapters on every layer's linear kernels over the
              SFT model (held once, the reference with adapters off), at 10x the learning rate.
 """
@@ -88,10 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (any cut, prompt or response, stops the run naming the record and the lengths).
     config.data.prompt_too_long = "truncate"  # "truncate", "drop" or "error"
     # Where a response starts: "separate" (prompt and responses tokenised apart, joined as ids)
-    # or "joint" (TRL's: prompt + response as one text, split at the common prefix); README.
+    # or "joint" (TRL's: prompt + response as one text, split at the common prefix); docs/data.md.
     config.data.boundary = "separate"  # "separate" or "joint"
     # A row whose tokens at the prompt/response boundary differ from its whole text's (extra bos,
-    # doubled eos, a chat template whose prompt is not a prefix of the conversation; README):
+    # doubled eos, a chat template whose prompt is not a prefix of the conversation;
+    # docs/failures.md):
     config.data.on_boundary_problem = "error"  # "error" (name the record) or "skip" (counted)
     config.data.batch_size = 32  # B, rows per optimizer step (global, all hosts); % (data·fsdp)
     config.data.eval_batch_size = 64  # rows per eval batch; % (data·fsdp)
@@ -116,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # discopop, sigmoid_norm (arXiv:2309.16240); the others need "reverse_kl".
     config.dpo.f_divergence_type = "reverse_kl"  # or forward_kl, js_divergence, alpha_divergence
     config.dpo.f_alpha_divergence_coef = 1.0  # α > 0 of alpha_divergence (1 = reverse_kl)
-    # The settings where TRL 1.16 differs (README, "differences from TRL"):
+    # The settings where TRL 1.16 differs (docs/trl.md, "Differences from TRL 1.16"):
     config.dpo.sigmoid_label_smoothing = "cdpo"  # ε in sigmoid/sigmoid_norm: "cdpo"; TRL: "ignore"
     config.dpo.bco_reward_shift = "running_mean"  # bco_pair's δ₀: "running_mean"; TRL: "none"
     config.dpo.ipo_form = "per_token"  # ipo on "per_token" log-ratios (TRL's) or "summed" ones
@@ -141,7 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dpo.ref_sync_every = 0  # reference="moving": ref <- α·policy + (1−α)·ref every N steps
     config.dpo.ref_sync_alpha = 0.6  # reference="moving": TR-DPO α in [0, 1]
 
-    # Reward model (dpo_jax.reward_model, scripts/train_reward_model.py): Bradley-Terry on the
+    # Reward model (dpo_jax.run.reward_model, scripts/train_reward_model.py): Bradley-Terry on the
     # DPO stage's pairs, a scalar head on the SFT model's last hidden state at each response's end
     config.reward_model = ml_collections.ConfigDict()
     config.reward_model.num_steps = 200  # optimizer steps of the reward model

@@ -21,7 +21,7 @@ Memory budget per v5e chip (16 GiB HBM), N = 8.03e9 params sharded 256 ways over
   the head's unembedding is gathered whole (1 GiB in bf16) and its float32 gradient (2 GiB) is
   summed across chips once, after the chunk loop.
 About 7-8 GiB worked out; the TPU compiler's figure (scripts/plan.py): 9.05 GiB per chip, of
-which 8.52 GiB temporaries, 43% of HBM free. See README, "A step that fits a pod".
+which 8.52 GiB temporaries, 43% of HBM free. See docs/pods.md, "A step that fits a pod".
 """
 
 import importlib.util

@@ -985,24 +985,19 @@ def dpo_loss_fn(
       chosen/rejected meaning desirable/undesirable completions, no accuracies).
 
     Raises:
-      ValueError: naming the argument, for an unknown or repeated loss name, a `loss_weights`
-        length mismatch, β <= 0, ε outside its variant's range, an unknown setting string, an
-        f-divergence with a variant it does not apply to, α <= 0, WPO weights with aot or kto,
-        mismatched shapes, one reference array without the other, missing lengths, a non-bool
-        pair_mask or kto_labels, kto without labels or with a weight <= 0, bco state given
-        without a bco running mean, a per-pair input a variant declares missing (unlikelihood's
-        rejected_unlikelihoods), or unlikelihood_alpha < 0. All checks read static values and
-        shapes, so the function jits.
+      ValueError: naming the argument, for a loss name unknown or repeated, a setting unknown or
+        out of its range (β, ε, α, τ, the KTO weights, the `loss_weights` length), an option the
+        chosen variants do not read (an f-divergence, WPO weights with aot or kto, bco state
+        without the bco shift), mismatched shapes, a non-bool mask or label, or an input a chosen
+        variant needs and lacks (lengths, one reference array without the other, kto_labels,
+        rejected_unlikelihoods). The checks read static values and shapes, so the function jits.
     """
     names = as_loss_names(loss_type)
     weights = as_loss_weights(names, loss_weights)
     check_choices(
-        ipo_form=ipo_form,
-        sft_form=sft_form,
-        sigmoid_label_smoothing=sigmoid_label_smoothing,
-        bco_reward_shift=bco_reward_shift,
-        f_divergence_type=f_divergence_type,
-    )
+        ipo_form=ipo_form, sft_form=sft_form, sigmoid_label_smoothing=sigmoid_label_smoothing,
+        bco_reward_shift=bco_reward_shift, f_divergence_type=f_divergence_type,
+    )  # fmt: skip
     check_hyper(names, beta, label_smoothing, discopop_tau, sigmoid_label_smoothing)
     check_unlikelihood_alpha(names, unlikelihood_alpha)
     check_f_divergence(names, f_divergence_type, f_alpha_divergence_coef)
@@ -1035,17 +1030,22 @@ def dpo_loss_fn(
         unlikelihood_alpha,
     )  # fmt: skip
 
-    loss = 0.0
+    loss, loss_metrics = _weighted_sum(names, weights, pairs, hyper, wpo_log_weights)
+    pair_metrics = (
+        _kto_metrics(pairs, beta, kto_z0) if "kto" in names else _reward_metrics(pairs, beta)
+    )
+    return loss, {**metrics, **loss_metrics, **pair_metrics}
+
+
+def _weighted_sum(names, weights, pairs, hyper, wpo_log_weights):
+    """Σ_k w_k · (masked mean of variant k's per-pair loss), and `loss/<name>`, `loss` metrics."""
+    loss, metrics = 0.0, {}
     for name, weight in zip(names, weights, strict=True):
         per_pair = _apply_weighting(LOSS_VARIANTS[name].fn(pairs, hyper), pairs, wpo_log_weights)
         component = masked_mean(per_pair, pairs.mask)
         metrics[f"loss/{name}"] = jax.lax.stop_gradient(component)
         loss = loss + weight * component
     metrics["loss"] = jax.lax.stop_gradient(loss)
-    if "kto" in names:
-        metrics.update(_kto_metrics(pairs, beta, kto_z0))
-    else:
-        metrics.update(_reward_metrics(pairs, beta))
     return loss, metrics
 
 

@@ -54,7 +54,7 @@ class PrecomputedReference:
     """Reference log-probs computed once before training and carried in each batch.
 
     Attributes:
-      cache: the file they were read from or written to (`dpo_jax.ref_cache`, the "cached"
+      cache: the file they were read from or written to (`dpo_jax.run.ref_cache`, the "cached"
         kind), or "" when they were computed for this run only.
     """
 

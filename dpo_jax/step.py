@@ -4,7 +4,7 @@ The reference model is one value of `dpo_jax.reference` (frozen, precomputed, mo
 adapters_off, LoRA's base); the steps read it only through that module's functions, never by
 checking what is None.
 
-Everything here is a module-level function of arrays and static options; `dpo_jax.train` binds
+Everything here is a module-level function of arrays and static options; `dpo_jax.run.train` binds
 the static parts with `functools.partial` and calls `jax.jit` once per function.
 
 Gradient accumulation is a `jax.lax.scan` over micro-batches inside `update_fn`, not

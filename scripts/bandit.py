@@ -19,7 +19,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import numpy as np  # after flag parsing, so --help stays fast
 
-    from dpo_jax import bandit
+    from dpo_jax.experiments import bandit
 
     problem = bandit.make_bandit()
     kls = bandit.kl_curve(problem, _PAIR_COUNTS, num_seeds=_SEEDS.value)

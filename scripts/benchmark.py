@@ -12,7 +12,7 @@ import pathlib
 
 from absl import app
 
-from dpo_jax import cli
+from dpo_jax.run import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "bench_cpu.py"

@@ -3,8 +3,8 @@
 Trains π_ref by SFT on the synthetic task, labels pairs of its samples by Bradley–Terry on the
 true reward, then runs DPO at several β, Unlikelihood, Preferred-FT and best-of-N, and writes
 frontier.csv, frontier_matched.csv (DPO minus the others at matched KL) and frontier.png to
---out_dir (default docs/, the files README shows). About seven minutes on a 2-core CPU (measured
-before Unlikelihood's run was added). The models come from --config (the main job's,
+--out_dir (default docs/, the files docs/results.md shows). About seven minutes on a 2-core CPU
+(measured before Unlikelihood's run was added). The models come from --config (the main job's,
 configs/default.py).
 """
 
@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags, logging
 
-from dpo_jax import cli
+from dpo_jax.run import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"

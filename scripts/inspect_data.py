@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from dpo_jax import cli
+from dpo_jax.run import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
@@ -30,7 +30,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from rich.console import Console  # after flag parsing, so --help stays fast
 
-    from dpo_jax.inspect_data import inspect_training_data
+    from dpo_jax.run.inspect_data import inspect_training_data
 
     try:
         inspect_training_data(

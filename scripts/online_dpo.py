@@ -9,7 +9,7 @@ import os
 
 from absl import app, flags, logging
 
-from dpo_jax import cli
+from dpo_jax.run import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"

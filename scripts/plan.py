@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
 
-from dpo_jax import cli  # noqa: E402
+from dpo_jax.run import cli  # noqa: E402
 
 _CONFIG = cli.define_config_file("config", None, "Training config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology, e.g. v5e:16x16 or v5p:4x4x4.")
@@ -38,7 +38,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if bool(_TOPOLOGY.value) == bool(_CPU.value):
         raise app.UsageError("give exactly one of --topology=... and --cpu_devices=N")
-    from dpo_jax import planner
+    from dpo_jax.benchmarks import planner
 
     try:
         if _TOPOLOGY.value:

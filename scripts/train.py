@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dpo_jax import cli
+from dpo_jax.run import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
@@ -21,7 +21,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", "./runs/default", "Checkpoints, metrics and the exported model go here."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the full traceback.")
-# Many hosts (README, "Running on many hosts"): one process per host, the same flags on each.
+# Many hosts (docs/pods.md, "Running on many hosts"): one process per host, the same flags on each.
 _MODE = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "none", "explicit", "slurm", "tpu"], "auto: from the flags/env."
 )
@@ -36,8 +36,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs each checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    from dpo_jax import distributed, errors  # after flag parsing, so --help stays fast
-    from dpo_jax.train import train_and_evaluate
+    from dpo_jax.run import distributed, errors  # after flag parsing, so --help stays fast
+    from dpo_jax.run.train import train_and_evaluate
 
     if not _VERBOSE.value:  # a full disk's echoes from orbax's threads: held, dropped if reported
         errors.hold_background_reports()

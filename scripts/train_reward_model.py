@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dpo_jax import cli
+from dpo_jax.run import cli
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"
@@ -26,7 +26,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs each checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    from dpo_jax import errors, reward_model  # after flag parsing, so --help stays fast
+    from dpo_jax.run import errors, reward_model  # after flag parsing, so --help stays fast
 
     try:
         summary = reward_model.train_reward_model(_CONFIG.value, _WORKDIR.value)

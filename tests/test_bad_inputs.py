@@ -1,5 +1,5 @@
 """Bad input named: each message says what is wrong and where (file and line, record, tensor,
-template), as the main job prints it (`dpo_jax.errors.user_message`)."""
+template), as the main job prints it (`dpo_jax.run.errors.user_message`)."""
 
 import json
 import os
@@ -13,9 +13,9 @@ from test_step_options import _tiny_model as tiny_llama  # noqa: E402
 from test_train_step import tiny_config  # noqa: E402
 from tiny_tokenizers import make_word_tokenizer  # noqa: E402
 
-from dpo_jax import build, errors, train  # noqa: E402
 from dpo_jax.data import records  # noqa: E402
 from dpo_jax.models import init_params, load_hf, save_hf  # noqa: E402
+from dpo_jax.run import build, errors, train  # noqa: E402
 
 PAIR = {"prompt": "a", "chosen": "b", "rejected": "c"}
 CONVERSATION = {

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import bandit
+from dpo_jax.experiments import bandit
 
 
 @pytest.fixture(scope="module")

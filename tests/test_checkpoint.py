@@ -7,9 +7,9 @@ import jax
 import numpy as np
 from test_train_step import build, tiny_config
 
-from dpo_jax import checkpoint, train
-from dpo_jax import stage as stage_lib
 from dpo_jax.models import load_hf
+from dpo_jax.run import checkpoint, train
+from dpo_jax.run import stage as stage_lib
 
 
 def test_resume_continues_exactly_and_export_loads_back(tmp_path):

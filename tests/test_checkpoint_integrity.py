@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from test_train_step import build, tiny_config
 
-from dpo_jax import checkpoint, errors, run_config, train
-from dpo_jax import stage as stage_lib
 from dpo_jax.models import save_hf
+from dpo_jax.run import checkpoint, errors, run_config, train
+from dpo_jax.run import stage as stage_lib
 
 
 def _truncate_files(step_dir):

@@ -174,7 +174,7 @@ def _command_problems(argv: list[str], script_flags: dict) -> list[str]:
             config = _load_config(config_spec)
         except Exception as error:  # noqa: BLE001 - any failure to load is the finding
             return problems + [f"{script}: --config={config_spec} does not load: {error!r}"]
-        from dpo_jax import cli
+        from dpo_jax.run import cli
 
         message = cli.unknown_key_message("config", config, overrides)
         problems += [f"{script}: {message}"] if message else []

@@ -63,3 +63,27 @@ def test_losses_run_with_heavy_packages_unimportable():
     losses = dict(line.split() for line in result.stdout.strip().splitlines())
     assert set(losses) == set(LOSS_VARIANTS)
     assert all(math.isfinite(float(v)) for v in losses.values()), losses
+
+
+def test_a_module_moved_by_the_regrouping_imports_from_its_old_path_with_a_warning():
+    # Issue 33 moved twenty modules into rooms; code written against the flat layout still runs.
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('error', DeprecationWarning)\n"
+        "import dpo_jax.run.guards as new\n"
+        "try:\n"
+        "    import dpo_jax.guards\n"
+        "except DeprecationWarning as warning:\n"
+        "    print(warning)\n"
+        "warnings.simplefilter('ignore', DeprecationWarning)\n"
+        "import dpo_jax.guards as old\n"
+        "from dpo_jax import planner\n"
+        "import dpo_jax.benchmarks.planner as new_planner\n"
+        "print(old is new, old.__spec__.name, planner is new_planner)\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "dpo_jax.guards moved to dpo_jax.run.guards; import it from there",
+        "True dpo_jax.run.guards True",
+    ]

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_train_step import tiny_config  # noqa: E402
 
 from dpo_jax.data import synthetic  # noqa: E402
-from dpo_jax.inspect_data import inspect_training_data  # noqa: E402
+from dpo_jax.run.inspect_data import inspect_training_data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

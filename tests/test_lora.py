@@ -13,12 +13,13 @@ import transformers
 from test_convert_hf import TINY_MODELS, _hf_logits, _hf_model, _our_logits, _padded_batch
 from test_train_step import build, run_steps, tiny_config
 
-from dpo_jax import checkpoint, lora, train
+from dpo_jax import lora
 from dpo_jax import reference as reference_lib
-from dpo_jax import stage as stage_lib
 from dpo_jax.logprobs import logprob_fn
 from dpo_jax.models import load_hf, save_hf
 from dpo_jax.models.convert_peft import save_peft
+from dpo_jax.run import checkpoint, train
+from dpo_jax.run import stage as stage_lib
 
 TOLERANCE = 1e-4  # max abs logit difference, float32 (as tests/test_convert_hf.py)
 # PEFT adds (x·A)·B to x·W, we multiply x by W + A·B: the same sum rounded another way, which on

@@ -7,8 +7,8 @@ import pytest
 from test_train_step import build, run_steps, tiny_config
 
 from dpo_jax import reference as reference_lib
-from dpo_jax import train
 from dpo_jax.losses import LOSS_VARIANTS
+from dpo_jax.run import train
 
 
 # simpo alone: tests/test_train_step.py.

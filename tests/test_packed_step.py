@@ -13,12 +13,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train_step import build, tiny_config  # noqa: E402
 
-from dpo_jax import stage as stage_lib  # noqa: E402
-from dpo_jax import train  # noqa: E402
 from dpo_jax.data import synthetic  # noqa: E402
 from dpo_jax.data.batching import collate_rows  # noqa: E402
 from dpo_jax.data.pipeline import make_rows, tokenize_source  # noqa: E402
 from dpo_jax.logprobs import logprob_fn  # noqa: E402
+from dpo_jax.run import stage as stage_lib  # noqa: E402
+from dpo_jax.run import train  # noqa: E402
 
 PADDED_LENGTH = 18  # T of one pair per row (the tiny config's max_length)
 PACKED_LENGTH = 40  # T of a packed row: up to 3 of these pairs

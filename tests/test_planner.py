@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import planner
+from dpo_jax.benchmarks import planner
 from dpo_jax.models import init_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_train_step import build, run_steps, tiny_config
 
-from dpo_jax import ref_cache, ref_logps, train
 from dpo_jax import reference as reference_lib
+from dpo_jax.run import ref_cache, ref_logps, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 from tiny_tokenizers import make_word_tokenizer  # noqa: E402

@@ -9,8 +9,8 @@ import pytest
 from test_train_step import build, tiny_config
 
 from dpo_jax import reference as reference_lib
-from dpo_jax import stage as stage_lib
-from dpo_jax import train
+from dpo_jax.run import stage as stage_lib
+from dpo_jax.run import train
 
 # The config changes that give each kind on configs/default.py:tiny (one device, 3 DPO steps,
 # no SFT: the reference is the initial model).

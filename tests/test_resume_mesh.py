@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_train_step import build, tiny_config
 
-from dpo_jax import stage as stage_lib
+from dpo_jax.run import stage as stage_lib
 
 
 def _config(num_devices: int, num_steps: int):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_train_step import build, tiny_config
 
-from dpo_jax import checkpoint, reward_model, train
-from dpo_jax import stage as stage_lib
+from dpo_jax.run import checkpoint, reward_model, train
+from dpo_jax.run import stage as stage_lib
 
 
 def _position_apply_fn(params, tokens, positions, segment_ids):

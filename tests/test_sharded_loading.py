@@ -10,8 +10,8 @@ import transformers
 
 from dpo_jax import sharding
 from dpo_jax.models import convert_hf, init_params, load_hf, logical_axes
-from dpo_jax.stage import Context
-from dpo_jax.train import initial_params
+from dpo_jax.run.stage import Context
+from dpo_jax.run.train import initial_params
 
 # hidden 64 and MLP 128 divide by 8, so the FSDP rules split every matrix over the 8 devices.
 _TINY = dict(

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import pytest
 from test_train_step import build, tiny_config
 
-from dpo_jax import errors, train
 from dpo_jax import reference as reference_lib
-from dpo_jax import stage as stage_lib
+from dpo_jax.run import errors, train
+from dpo_jax.run import stage as stage_lib
 
 
 def test_the_default_config_passes_with_a_zero_gap(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for dpo_jax.tokenizer against transformers' own tokenizer and chat-template renderer."""
+"""dpo_jax.tokenizer against transformers' own tokenizer and chat-template renderer."""
 
 import json
 import types

@@ -6,7 +6,7 @@ import os
 import numpy as np
 from test_train_step import tiny_config
 
-from dpo_jax import train
+from dpo_jax.run import train
 
 
 def test_one_step_smoke_run_writes_everything(tmp_path, capsys):

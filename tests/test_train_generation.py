@@ -3,7 +3,8 @@
 import numpy as np
 from test_train_step import tiny_config
 
-from dpo_jax import evaluation, train
+from dpo_jax import evaluation
+from dpo_jax.run import train
 
 
 def test_main_job_reports_exact_match_and_kl(tmp_path, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpo_jax.optim import make_optimizer, make_schedule
+from dpo_jax.run.optim import make_optimizer, make_schedule
 
 
 def _schedule(decay, **kwargs):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dpo_jax import reference as reference_lib
-from dpo_jax import stage as stage_lib
-from dpo_jax import train
 from dpo_jax.logprobs import logprob_fn
+from dpo_jax.run import stage as stage_lib
+from dpo_jax.run import train
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 

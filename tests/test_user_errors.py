@@ -15,11 +15,11 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 from tiny_tokenizers import make_word_tokenizer  # noqa: E402
 
-from dpo_jax import errors  # noqa: E402
+from dpo_jax.run import errors  # noqa: E402
 from dpo_jax.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The scripts that take a config flag (`dpo_jax.cli.define_config_file`).
+# The scripts that take a config flag (`dpo_jax.run.cli.define_config_file`).
 CONFIG_SCRIPTS = sorted(
     path.name
     for path in (ROOT / "scripts").glob("*.py")

@@ -1,1 +1,2 @@
-"""Benchmarks of dpo_jax's pieces, as functions returning dicts (scripts print and save them)."""
+"""What the step costs: benchmarks run on this machine (functions returning dicts that the
+scripts print and save), and `planner`, the step compiled for a topology it does not run on."""

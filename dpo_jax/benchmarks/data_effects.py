@@ -113,8 +113,8 @@ def measure_cache_hit(config: ml_collections.ConfigDict) -> dict[str, Any]:
       {"pairs", "miss_s" (fingerprint + reference pass + write), "hit_s" (fingerprint + read),
        "read_s" (the read alone), "saved_s" (miss_s − hit_s), "cache_bytes"}.
     """
-    from dpo_jax import build, train  # heavy: only in the subprocess
     from dpo_jax.data import synthetic
+    from dpo_jax.run import build, train  # heavy: only in the subprocess
 
     config = ml_collections.ConfigDict(config.to_dict())
     pairs = config.bench.cache_pairs

@@ -1,12 +1,12 @@
 """Time, FLOPs, MFU and memory of the training step, and of its alternatives, in one run.
 
-The step is the one training compiles: `dpo_jax.stage.compile_update` on a `Stage` and `Context`
-made by `dpo_jax.train`'s own construction functions, fed random weights and random tokens of the
-config's shape. Each variant (the default, bf16, remat, chunked log-probs, cuDNN attention,
-precomputed reference log-probs, ...) runs in a fresh subprocess, so one variant's allocations
-never count against another's peak memory, and each measures the matmul peak right before its own
-timed steps, so its MFU is against the machine's speed at that moment (the CPUs these run on are
-shared, and their speed moves by tens of percent within minutes).
+The step is the one training compiles: `dpo_jax.run.stage.compile_update` on a `Stage` and `Context`
+made by `dpo_jax.run.train`'s own construction functions, fed random weights and random tokens of
+the config's shape. Each variant (the default, bf16, remat, chunked log-probs, cuDNN attention,
+precomputed reference log-probs, ...) runs in a fresh subprocess, so one variant's allocations never
+count against another's peak memory, and each measures the matmul peak right before its own timed
+steps, so its MFU is against the machine's speed at that moment (the CPUs these run on are shared,
+and their speed moves by tens of percent within minutes).
 
 Model FLOPs of one step (`model_flops`), with P the matmul parameters (the q/k/v/o and MLP kernels
 of every layer plus the unembedding; the embedding lookup is no matmul), N the tokens of the
@@ -177,12 +177,13 @@ def build_step(config: ml_collections.ConfigDict):
 
     Returns:
       (update, state, reference, batch, rng, model_config, stage): `update` is
-      `dpo_jax.stage.compile_update`'s jitted update_fn (state donated).
+      `dpo_jax.run.stage.compile_update`'s jitted update_fn (state donated).
     """
     from dpo_jax import reference as reference_lib
-    from dpo_jax import sharding, train  # heavy: only in the subprocess
-    from dpo_jax import stage as stage_lib
+    from dpo_jax import sharding  # heavy: only in the subprocess
     from dpo_jax import step as step_lib
+    from dpo_jax.run import stage as stage_lib
+    from dpo_jax.run import train
 
     train.check_config(config)
     mesh = train.make_mesh(config)

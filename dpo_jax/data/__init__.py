@@ -7,4 +7,5 @@ Modules (import the one you need; this package imports nothing, so it stays ligh
   pipeline     grain loading: `make_pair_iterator` (training), `make_eval_batches` (held out)
   tfds_source  a TFDS array_record builder and data source (no TensorFlow)
   synthetic    the project's synthetic sort / reverse / copy preference task
+(the tokenizer is `dpo_jax.tokenizer`, at the top: the models read it too)
 """

@@ -1,1 +1,2 @@
-"""Experiments built on the library's public functions (`frontier`: reward vs KL)."""
+"""Experiments built on the library's public functions: `bandit` (the derivation on an
+enumerable bandit), `frontier` (reward vs KL), `online_dpo`."""

@@ -17,7 +17,7 @@ The paper's IMDb setup, with each part replaced by one this CPU can run in minut
 - the curve no policy can beat, π_ref·exp(r/τ)/Z, estimated from π_ref's draws, and each
   method's reward at matched KL, differenced prompt by prompt (`frontier_analysis`).
 
-Every model is trained by `dpo_jax.train.train_and_evaluate`, the main job's entry point.
+Every model is trained by `dpo_jax.run.train.train_and_evaluate`, the main job's entry point.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dpo_jax.experiments.frontier_analysis import (
     stderr,
 )
 from dpo_jax.models import load_hf
-from dpo_jax.train import train_and_evaluate
+from dpo_jax.run.train import train_and_evaluate
 
 CSV_FIELDS = ("method", "setting", "reward", "reward_stderr", "kl", "kl_stderr", "kl_bound")
 # τ of the KL-optimal curve, from near π_ref (KL ≈ 0) to near the best draw (KL ≈ log draws)

@@ -5,7 +5,7 @@ pair by a reward function named in the settings (the higher reward is chosen; ti
 preference and are left out), and trains DPO on those pairs from the current policy, which is
 also the round's reference (iterative DPO: Xu et al. 2023, arXiv:2312.16682; Xiong et al. 2024,
 arXiv:2312.11456). The first policy is the SFT model. Every model is trained by
-`dpo_jax.train.train_and_evaluate`; the final policy's greedy exact-match rate is compared with
+`dpo_jax.run.train.train_and_evaluate`; the final policy's greedy exact-match rate is compared with
 the SFT model's on held-out prompts.
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax.errors import Diverged, NonFiniteParams, ReferenceMismatch
+from dpo_jax.run.errors import Diverged, NonFiniteParams, ReferenceMismatch
 
 # Below this mean |log π(y_w|x) − log π(y_l|x)|, chosen and rejected count as identical.
 _COLLAPSE_MARGIN = 1e-6

@@ -3,9 +3,9 @@
 import ml_collections
 from rich.console import Console
 
-from dpo_jax import build, train
 from dpo_jax.data.inspection import inspect_pairs
 from dpo_jax.data.tokenize import DataStats
+from dpo_jax.run import build, train
 
 
 def inspect_training_data(

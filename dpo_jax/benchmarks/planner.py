@@ -16,11 +16,12 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import reference as reference_lib
-from dpo_jax import sharding, train
-from dpo_jax import stage as stage_lib
+from dpo_jax import sharding
 from dpo_jax.benchmarks import step_benchmark
 from dpo_jax.models import ModelConfig, init_params
 from dpo_jax.models.convert_hf import read_hf_config
+from dpo_jax.run import stage as stage_lib
+from dpo_jax.run import train
 
 GIB = 1024**3
 # Memory of one chip (HBM), by the generation named in the topology ("v5e:16x16" -> "v5e").

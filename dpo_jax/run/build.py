@@ -1,6 +1,6 @@
 """The stages of a run, built from its config: data iterators, optimizer, loss options, reference.
 
-`dpo_jax.train.train_and_evaluate` calls these (and re-exports them); each reads the ConfigDict
+`dpo_jax.run.train.train_and_evaluate` calls these (and re-exports them); each reads the ConfigDict
 and hands explicit arguments to the modules below it.
 """
 
@@ -12,14 +12,15 @@ from typing import Any
 import jax
 import ml_collections
 
-from dpo_jax import lora, ref_cache, ref_logps, sharding
+from dpo_jax import lora, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
-from dpo_jax.config_checks import lora_targets, loss_names, loss_weights
 from dpo_jax.data import coverage, synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
-from dpo_jax.optim import make_optimizer, make_schedule, only_trainable
-from dpo_jax.stage import Context, Stage
+from dpo_jax.run import ref_cache, ref_logps
+from dpo_jax.run.config_checks import lora_targets, loss_names, loss_weights
+from dpo_jax.run.optim import make_optimizer, make_schedule, only_trainable
+from dpo_jax.run.stage import Context, Stage
 
 # config.dpo.reference: the kinds of dpo_jax.reference.
 REFERENCES = tuple(reference_lib.KINDS)

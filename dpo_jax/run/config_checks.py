@@ -19,7 +19,7 @@ from dpo_jax.data.pipeline import check_batching
 from dpo_jax.data.tokenize import check_limits
 from dpo_jax.losses import LOSS_ALIASES, LOSS_VARIANTS, dpo_loss_fn
 from dpo_jax.models.config import ATTENTION_IMPLS
-from dpo_jax.optim import make_optimizer, make_schedule
+from dpo_jax.run.optim import make_optimizer, make_schedule
 
 MODEL_SOURCES = ("random", "hf", "gguf")
 DTYPES = ("float32", "bfloat16")

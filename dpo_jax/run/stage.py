@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpo_jax import checkpoint, errors, preemption, sharding
 from dpo_jax import reference as reference_lib
+from dpo_jax import sharding
 from dpo_jax import step as step_lib
-from dpo_jax.guards import StepGuard
-from dpo_jax.metrics_log import MetricsWriter, ProgressBar
+from dpo_jax.run import checkpoint, errors, preemption
+from dpo_jax.run.guards import StepGuard
+from dpo_jax.run.metrics_log import MetricsWriter, ProgressBar
 
 
 @dataclasses.dataclass
@@ -36,7 +37,8 @@ class Stage:
       train_batches: iterator of host batches with get_state/set_state.
       eval_batches: list of host batches (possibly empty).
       update_fn, eval_fn: the stage's pure steps, with `dpo_jax.step.update_fn`'s and
-        `eval_fn`'s signatures (the reward model's stage brings its own: `dpo_jax.reward_model`).
+        `eval_fn`'s signatures (the reward model's stage brings its own:
+        `dpo_jax.run.reward_model`).
     """
 
     name: str
@@ -69,7 +71,7 @@ class Context:
     progress_bar: bool
     tensorboard: bool
     final_logit_softcapping: float | None = None  # the model's logit cap, applied to log-probs
-    on_nonfinite: str = "stop"  # a non-finite step: "stop" or "skip" (see dpo_jax.guards)
+    on_nonfinite: str = "stop"  # a non-finite step: "stop" or "skip" (see dpo_jax.run.guards)
     max_skipped_steps: int = 10  # with "skip": stop after this many in a row
     collapse_patience: int = 3  # warn after this many collapsed-looking log steps in a row
     step0_tolerance: float | None = None  # the step-0 check's relative tolerance; None: off
@@ -298,7 +300,7 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
     Raises:
       errors.Preempted: SIGTERM or SIGINT arrived; a checkpoint of the last finished step was
         written first.
-      errors.Diverged: a non-finite step (see `dpo_jax.guards`); nothing non-finite was written.
+      errors.Diverged: a non-finite step (see `dpo_jax.run.guards`); nothing non-finite was written.
     """
     directory = os.path.join(ctx.workdir, stage.name)
     manager = checkpoint.make_manager(

@@ -5,7 +5,7 @@ response y (its eos, where the tokenizer appends one), w [D] and b [] the head. 
 pairs the DPO stage reads, through the same pipeline and batches ([B, 2, T], 0 = chosen), with
 the loss −log σ(r_w − r_l) of `dpo_jax.losses.dpo_loss_fn` ("sigmoid", β = 1, no reference).
 
-The stage is an ordinary `dpo_jax.stage.Stage` carrying this module's `update_fn` and `eval_fn`,
+The stage is an ordinary `dpo_jax.run.stage.Stage` carrying this module's `update_fn` and `eval_fn`,
 so `stage.run_stage` gives it the main job's jit over sharded batches, orbax checkpoints,
 resume, guards and metrics. Params are {"backbone": the model's params, "head": {kernel, bias}};
 `export` writes the backbone as a Hugging Face directory plus `reward_head.safetensors`.
@@ -23,12 +23,13 @@ import optax
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from dpo_jax import build, checkpoint, run_config, sharding, train
 from dpo_jax import reference as reference_lib
-from dpo_jax import stage as stage_lib
+from dpo_jax import sharding
 from dpo_jax import step as step_lib
 from dpo_jax.losses import dpo_loss_fn
 from dpo_jax.models import ModelConfig, load_hf
+from dpo_jax.run import build, checkpoint, run_config, train
+from dpo_jax.run import stage as stage_lib
 
 HEAD_FILE = "reward_head.safetensors"
 _BATCH_KEYS = ("tokens", "positions", "segment_ids")

@@ -13,9 +13,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpo_jax import checkpoint, errors, evaluation, run_config, sharding
+from dpo_jax import evaluation, sharding
 from dpo_jax import reference as reference_lib
-from dpo_jax.build import (  # noqa: F401 - re-exported: the stage builders' public names
+from dpo_jax.data import synthetic
+from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
+from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
+from dpo_jax.run import checkpoint, errors, run_config
+from dpo_jax.run.build import (  # noqa: F401 - re-exported: the stage builders' public names
     REFERENCE_FREE_LOSSES,
     REFERENCES,
     data_sources,
@@ -27,12 +31,9 @@ from dpo_jax.build import (  # noqa: F401 - re-exported: the stage builders' pub
     reference_kind,
     stage_optimizer,
 )
-from dpo_jax.config_checks import check_config
-from dpo_jax.data import synthetic
-from dpo_jax.guards import check_finite
-from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
-from dpo_jax.stage import Context, Stage, evaluate, run_stage
-from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
+from dpo_jax.run.config_checks import check_config
+from dpo_jax.run.guards import check_finite
+from dpo_jax.run.stage import Context, Stage, evaluate, run_stage
 
 # The step-0 check's tolerance on |log π − log π_ref|, relative to |log π|, by compute dtype: the
 # policy's and the reference's forwards are separate computations (XLA may fuse them apart), so
@@ -64,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Raises:
       ValueError: an invalid config value (raised before any model is built), or a workdir
-        trained with another config (`dpo_jax.run_config`).
+        trained with another config (`dpo_jax.run.run_config`).
       errors.Preempted: SIGTERM/SIGINT; the step boundary that followed was checkpointed.
       errors.Diverged: a non-finite step (`config.guards`); nothing non-finite was written.
       OSError: the disk is full, naming the checkpoints directory or else the workdir.

@@ -1,6 +1,6 @@
 """A persistent cache of precomputed reference log-probs, keyed by what they depend on.
 
-The precomputed pass (`dpo_jax.ref_logps`) costs one reference forward over every pair. A sweep
+The precomputed pass (`dpo_jax.run.ref_logps`) costs one reference forward over every pair. A sweep
 over β, or a rerun after a crash, recomputes the same numbers; with `config.dpo.reference=
 "cached"` the pass's table is written to `<ref_cache_dir>/<fingerprint>.safetensors` and later
 runs with the same fingerprint read it back instead (no reference forward runs).
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax.ref_logps import RefLogpsTable
+from dpo_jax.run.ref_logps import RefLogpsTable
 
 
 def _digest(*chunks: bytes) -> str:

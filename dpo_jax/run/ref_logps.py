@@ -7,7 +7,7 @@ packed differently, then get `ref_logps` [B, 2, S] by looking each slot's pair u
 content, not by an index, needs nothing from the data pipeline and survives packing; identical
 pairs share an entry, which is right since their log-probs are identical. The key is a sha256
 of that content, so a table of a million pairs holds 32 bytes of key per pair and can be written
-to a file (`dpo_jax.ref_cache`).
+to a file (`dpo_jax.run.ref_cache`).
 
 With several processes each one runs the pass on its slice of every batch (as the pipeline gives
 it), and the slices' pairs and log-probs are all-gathered, so every process ends with the whole
@@ -62,7 +62,7 @@ class RefLogpsTable:
             )
 
     def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys [N, 32] uint8, log-probs [N, 2] float32), for a file (`dpo_jax.ref_cache`)."""
+        """(keys [N, 32] uint8, log-probs [N, 2] float32), for a file (`dpo_jax.run.ref_cache`)."""
         keys = np.frombuffer(b"".join(self._logps), np.uint8).reshape(len(self), 32)
         logps = np.stack(list(self._logps.values())) if self._logps else np.zeros((0, 2))
         return keys, logps.astype(np.float32)

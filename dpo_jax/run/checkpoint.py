@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpo_jax import errors
-from dpo_jax.guards import check_finite
 from dpo_jax.models import ModelConfig, save_hf
 from dpo_jax.models.convert_peft import save_peft
+from dpo_jax.run import errors
+from dpo_jax.run.guards import check_finite
 
 # In a LoRA stage's directory: the sha256 of the base its adapters are trained on.
 LORA_BASE_FILE = "lora_base.json"
