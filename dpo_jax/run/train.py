@@ -16,7 +16,6 @@ import numpy as np
 from dpo_jax import evaluation, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax.data import synthetic
-from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
 from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
 from dpo_jax.run import checkpoint, errors, run_config
 from dpo_jax.run.build import (  # noqa: F401 - re-exported: the stage builders' public names
@@ -34,6 +33,7 @@ from dpo_jax.run.build import (  # noqa: F401 - re-exported: the stage builders'
 from dpo_jax.run.config_checks import check_config
 from dpo_jax.run.guards import check_finite
 from dpo_jax.run.stage import Context, Stage, evaluate, run_stage
+from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
 
 # The step-0 check's tolerance on |log π − log π_ref|, relative to |log π|, by compute dtype: the
 # policy's and the reference's forwards are separate computations (XLA may fuse them apart), so
