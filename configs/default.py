@@ -149,6 +149,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.reward_model.learning_rate = 1e-3  # peak learning rate (AdamW as config.optimizer)
     config.reward_model.warmup_steps = 10  # linear warmup steps
 
+    # PPO (dpo_jax.ppo_step, dpo_jax.run.ppo_train, scripts/train_ppo.py): the RLHF baseline of the
+    # DPO paper, from the SFT model, on the prompts of config.data.source, with a per-token KL
+    # penalty to π_ref. Its score is a reward model's (ppo.reward_model) or a true reward's
+    # (ppo.true_reward, "PPO-GT"): exactly one of the two. Responses are sampled at temperature 1.
+    config.ppo = ml_collections.ConfigDict()
+    config.ppo.num_steps = 100  # PPO iterations; each samples one rollout batch, then learns
+    config.ppo.reward_model = ""  # an export of scripts/train_reward_model.py (<workdir>/...)
+    config.ppo.true_reward = ""  # or a reward in dpo_jax.evaluation.REWARD_FUNCTIONS
+    config.ppo.rollout_batch_size = 64  # prompts per iteration (global); % (data·fsdp)
+    config.ppo.num_minibatches = 2  # minibatches per epoch; must divide rollout_batch_size
+    config.ppo.epochs = 4  # passes over each rollout batch (PPO's epochs)
+    config.ppo.learning_rate = 1e-4  # peak rate of policy and value model (config.optimizer's)
+    config.ppo.warmup_steps = 0  # linear warmup, in optimizer updates
+    config.ppo.kl_coef = 0.1  # β >= 0 of the per-token KL penalty −β·(log π − log π_ref)
+    config.ppo.clip_range = 0.2  # ε > 0 of the clipped surrogate
+    config.ppo.clip_range_value = 0.2  # ε_v > 0 of the clipped value loss
+    config.ppo.value_coef = 0.1  # weight of the value loss (TRL's vf_coef)
+    config.ppo.gamma = 1.0  # GAE's discount γ in [0, 1]
+    config.ppo.lam = 0.95  # GAE's λ in [0, 1]
+    config.ppo.whiten_rewards = False  # whiten per-token rewards over the batch before GAE
+    config.ppo.max_new_tokens = 0  # tokens sampled per response; 0 = data.max_length − prompt
+
     # LoRA (dpo_jax.lora) in the DPO stage: the state trains low-rank adapters A [in, r],
     # B [r, out] on the matching linear kernels, W' = W + (alpha / r)·A·B; the base is held once
     # and is the reference. An SFT stage before it (sft.num_steps) trains the full model.
@@ -233,6 +255,8 @@ def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.sft.num_steps = 2
         config.dpo.num_steps = 2
         config.reward_model.num_steps = 2
+        config.ppo.num_steps = 2
+        config.ppo.rollout_batch_size = 8
         config.checkpoint.every_steps = 2
         config.log.every_steps = 1
         config.log.eval_every_steps = 0

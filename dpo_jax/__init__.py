@@ -2,8 +2,8 @@
 
 The package imports nothing here, so that `import dpo_jax.losses` stays light (jax only). The
 core a user imports sits at the top (`losses`, `logprobs`, `step`, `reference`, `lora`,
-`sharding`, `ppo`, `sampling`, `evaluation`, `tokenizer`); the rest is in rooms: `models/`,
-`data/`, `run/` (a training run from its config), `experiments/`, `benchmarks/` (the planner).
+`sharding`, `ppo`, `ppo_step`, `sampling`, `evaluation`, `tokenizer`); the rest is in rooms:
+`models/`, `data/`, `run/` (a training run from its config), `experiments/`, `benchmarks/`.
 
 Modules that sat at the top before the regrouping (issue 33) still import from their old paths,
 as the same module object, with a DeprecationWarning naming the new one. importlib has no

@@ -289,8 +289,10 @@ def sample_completions(
     eos_id: int | None,
     pad_id: int,
     batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> list[list[int]]:
-    """One temperature-1 sample (no top-k / top-p: exact samples of π) per prompt, batched."""
+    """One sample per prompt, batched: at temperature 1 (the default) an exact sample of π (no
+    top-k / top-p), at τ a sample of softmax(logits / τ), at 0 the greedy completion."""
     completions = []
     for start in range(0, len(prompt_ids), batch_size):
         out = sampling.generate(
@@ -299,7 +301,7 @@ def sample_completions(
             prompt_ids[start : start + batch_size],
             max_new_tokens=max_new_tokens,
             rng=jax.random.fold_in(rng, start),
-            options=sampling.SamplingOptions(temperature=1.0),
+            options=sampling.SamplingOptions(temperature=temperature),
             eos_id=eos_id,
             pad_id=pad_id,
         )

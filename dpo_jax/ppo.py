@@ -70,7 +70,7 @@ def kl_penalized_rewards(
     policy_logps: jax.Array,
     ref_logps: jax.Array,
     mask: jax.Array,
-    kl_coef,
+    kl_coef: float | jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token rewards r_t = −β·(log π(a_t) − log π_ref(a_t)), plus the score at the last token.
 
@@ -80,7 +80,8 @@ def kl_penalized_rewards(
 
     Args:
       scores: [B] float, the reward of each whole response.
-      policy_logps, ref_logps: [B, T] float, log-probs of the sampled tokens (any value off mask).
+      policy_logps: [B, T] float, log-probs of the sampled tokens (any value off mask).
+      ref_logps: [B, T] float, π_ref's log-probs of the same tokens.
       mask: [B, T] bool, response tokens.
       kl_coef: β (a float or a traced scalar: `FixedKL.coef`, `AdaptiveKL.coef`).
 
@@ -106,9 +107,11 @@ def gae(
     side, or a prompt, changes nothing).
 
     Args:
-      rewards, values: [B, T] float.
+      rewards: [B, T] float.
+      values: [B, T] float.
       mask: [B, T] bool.
-      gamma, lam: γ and λ in [0, 1].
+      gamma: γ in [0, 1].
+      lam: λ in [0, 1].
 
     Returns:
       (advantages [B, T] float32, returns [B, T] float32), both 0 off mask; no gradient.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -220,6 +220,44 @@ def generate(
     )
     out_tokens, lengths, finished, _ = generate_fn(params, cache, tokens, positions, valid, rng)
     return Generation(np.asarray(out_tokens), np.asarray(lengths), np.asarray(finished))
+
+
+def make_sample_fn(
+    model_config: ModelConfig,
+    *,
+    max_new_tokens: int,
+    options: SamplingOptions,
+    eos_id: int | Sequence[int] | None = None,
+    pad_id: int | None = None,
+) -> Callable:
+    """`generate`'s program as a pure function to call inside another jitted step (PPO's rollout).
+
+    Returns:
+      sample_fn(params, tokens [N, P], positions [N, P], valid [N, P] bool, rng) ->
+      (out [N, max_new_tokens] int32, pad after each row's end; lengths [N] int32, eos counted;
+      finished [N] bool, True where the row ended with eos), with prompts left-padded as
+      `pad_prompts` pads them. The KV cache is made inside.
+
+    Raises:
+      ValueError: an out-of-range sampling option.
+    """
+    check_options(options)
+    pad_id = pad_id if pad_id is not None else (model_config.pad_token_id or 0)
+    generate_fn = functools.partial(
+        _generate,
+        decode_fn=make_decode_fn(model_config),
+        max_new_tokens=max_new_tokens,
+        options=options,
+        eos_ids=_eos_ids(model_config, eos_id),
+        pad_id=int(pad_id),
+    )
+
+    def sample_fn(params, tokens, positions, valid, rng):
+        cache = init_cache(model_config, tokens.shape[0], tokens.shape[1] + max_new_tokens)
+        out, lengths, finished, _ = generate_fn(params, cache, tokens, positions, valid, rng)
+        return out, lengths, finished
+
+    return sample_fn
 
 
 @functools.lru_cache(maxsize=16)

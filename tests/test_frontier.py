@@ -76,6 +76,13 @@ def test_frontier_writes_every_method_with_consistent_numbers(tmp_path):
         batch_size=4,
         num_train_prompts=64,
         num_eval_prompts=16,
+        held_out_pairs=2,
+        rm_steps=2,
+        ppo_kl_coefs=(0.2,),
+        ppo_gt_kl_coefs=(0.2,),
+        ppo_steps=2,
+        sweep_best_of=2,
+        sweep_temperatures=(0.0, 1.0),
     )
     result = frontier.run_frontier(_tiny_config(), str(tmp_path), settings)
     rows = result.rows
@@ -85,12 +92,14 @@ def test_frontier_writes_every_method_with_consistent_numbers(tmp_path):
         ("DPO", "beta=0.5"),
         ("Unlikelihood", "alpha=1.0"),
         ("Preferred-FT", ""),
+        ("PPO", "beta=0.2"),
+        ("PPO-GT", "beta=0.2"),
         ("best-of-N", "N=1"),
         ("best-of-N", "N=2"),
         ("best-of-N", "N=4"),
     ]
     assert rows[0]["kl"] == 0.0  # the reference against itself
-    best = rows[4:]
+    best = rows[6:]
     assert [row["kl_bound"] for row in best] == [0.0, math.log(2) - 0.5, math.log(4) - 0.75]
     assert best[0]["kl"] == 0.0
     assert all(row["kl"] <= row["kl_bound"] + 1e-12 for row in best)  # ties only lower it
@@ -108,3 +117,46 @@ def test_frontier_writes_every_method_with_consistent_numbers(tmp_path):
         assert len(list(csv.DictReader(f))) == len(result.comparisons)
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     assert (tmp_path / "pairs.jsonl").stat().st_size > 0
+    # The reward model, scored on the held-out pairs beside the true reward's own accuracy there.
+    model = result.reward_model
+    assert model["num_pairs"] == 2 and 0.0 <= model["accuracy"] <= 1.0
+    assert 0.5 <= model["ceiling"]["expected"] <= 1.0 and model["ceiling"]["num_pairs"] == 2
+    with open(tmp_path / "frontier_reward_model.csv") as f:
+        assert float(next(csv.DictReader(f))["reward_model_accuracy"]) == model["accuracy"]
+    # The sweep: DPO at its β, PPO at its β, Preferred-FT and best-of-2, at each temperature.
+    sweep = {(row["method"], row["temperature"]) for row in result.sweep}
+    names = ("DPO β=0.5", "PPO β=0.2", "Preferred-FT", "best-of-2")
+    assert sweep == {(name, t) for name in names for t in (0.0, 1.0)}
+    assert all(0.0 <= row["win_rate"] <= 1.0 for row in result.sweep)
+    assert (tmp_path / "temperature_sweep.png").stat().st_size > 10_000
+
+
+def test_the_dpo_curve_is_read_at_each_ppo_point():
+    dpo = [
+        {**_row(0.0, [0.0, 0.2]), "method": "DPO", "setting": "beta=1"},
+        {**_row(1.0, [0.4, 0.6]), "method": "DPO", "setting": "beta=0.1"},
+    ]
+    ppo = {**_row(0.5, [0.5, 0.5]), "method": "PPO", "setting": "beta=0.2"}
+    gt = {**_row(0.25, [0.0, 0.0]), "method": "PPO-GT", "setting": "beta=0.2"}
+    found = {c["against"]: c for c in frontier_analysis.compare([*dpo, ppo, gt], [])}
+    # DPO at KL 0.5: [0.2, 0.4], minus PPO's [0.5, 0.5]: mean −0.2; at 0.25: [0.1, 0.3] − 0.
+    assert found["PPO beta=0.2"]["difference"] == pytest.approx(-0.2)
+    assert found["PPO-GT beta=0.2"]["difference"] == pytest.approx(0.2)
+    assert found["PPO beta=0.2"]["policy"] == "DPO"
+
+
+def test_true_reward_ceiling_by_hand(tmp_path):
+    from dpo_jax.experiments import frontier_rlhf
+
+    path = tmp_path / "pairs.jsonl"
+    # high_digits: the fraction of digits 5-9. Pair 1: chosen better by 1; pair 2: a tie;
+    # pair 3: chosen worse by 1.
+    pairs = [("9", "1"), ("5", "6"), ("2", "8")]
+    path.write_text(
+        "".join(f'{{"prompt": "p", "chosen": "{c}", "rejected": "{r}"}}\n' for c, r in pairs)
+    )
+    found = frontier_rlhf.true_reward_ceiling(str(path), "high_digits", 2.0)
+    assert found["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)
+    p = 1 / (1 + math.exp(-2.0))
+    assert found["expected"] == pytest.approx((p + 0.5 + p) / 3)
+    assert found["num_pairs"] == 3

@@ -36,6 +36,7 @@ import numpy as np
 
 from dpo_jax import evaluation, sampling
 from dpo_jax.data import synthetic
+from dpo_jax.experiments import frontier_report, frontier_rlhf, temperature_sweep
 from dpo_jax.experiments.frontier_analysis import (
     COMPARISON_FIELDS,
     best_of_n,
@@ -88,6 +89,18 @@ class FrontierSettings:
     reward_scale: float = 10.0  # s of Bradley–Terry on the true reward
     learning_rate: float = 1e-4  # of every tuning run (AdamW, the main job's DPO rate)
     seed: int = 0
+    # The RLHF side (frontier_rlhf): the reward model on all pairs but a held-out tail, then PPO
+    # against it at each β and PPO-GT against the true reward; () = none
+    held_out_pairs: int = 512  # pairs the reward model is scored on (not trained on)
+    rm_steps: int = 200  # reward-model steps (batch_size pairs each)
+    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.2, 0.5)  # PPO's β values
+    ppo_gt_kl_coefs: tuple[float, ...] = (0.2,)  # PPO-GT's β values
+    ppo_steps: int = 100  # PPO iterations of each run (64 prompts, 4 epochs of 2 minibatches)
+    # The temperature sweep (temperature_sweep): these policies, Preferred-FT and best-of-N
+    sweep_dpo_beta: float = 0.5  # the DPO run of the sweep (one of betas)
+    sweep_ppo_beta: float = 0.2  # the PPO (RM) run of the sweep (one of ppo_kl_coefs)
+    sweep_best_of: int = 16
+    sweep_temperatures: tuple[float, ...] = temperature_sweep.TEMPERATURES
 
 
 def _run_config(base: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
@@ -274,19 +287,33 @@ class FrontierResult:
         "prompt_rewards" and "prompt_kls" [eval prompts] they average.
       optimal: the KL-optimal curve's rows (`kl_optimal_curve`), one per τ.
       comparisons: matched-KL differences, DPO minus the others (`compare`).
+      reward_model: `frontier_rlhf.reward_model_run`'s result without the export path ({} when
+        no PPO ran).
+      sweep: `temperature_sweep.win_rates`' rows ([] when a sweep policy did not run).
     """
 
     rows: list[dict]
     optimal: list[dict]
     comparisons: list[dict]
+    reward_model: dict = dataclasses.field(default_factory=dict)
+    sweep: list[dict] = dataclasses.field(default_factory=list)
 
 
 def check_settings(settings: FrontierSettings) -> None:
-    """Raises ValueError when reference_draws < max(best_of)."""
+    """Raises ValueError when reference_draws < max(best_of), or a sweep β is not run."""
     if settings.reference_draws < max(settings.best_of):
         raise ValueError(
             f"reference_draws={settings.reference_draws} must be >= max(best_of)="
             f"{max(settings.best_of)}: best-of-N reads the first N draws"
+        )
+    if settings.sweep_dpo_beta not in settings.betas:
+        raise ValueError(
+            f"sweep_dpo_beta={settings.sweep_dpo_beta} is not in betas={settings.betas}"
+        )
+    if settings.ppo_kl_coefs and settings.sweep_ppo_beta not in settings.ppo_kl_coefs:
+        raise ValueError(
+            f"sweep_ppo_beta={settings.sweep_ppo_beta} is not in "
+            f"ppo_kl_coefs={settings.ppo_kl_coefs}"
         )
 
 
@@ -329,13 +356,14 @@ def run_frontier(
         rng=jax.random.fold_in(rng, 2),
     )
     rows = [{"method": "SFT reference", "setting": "", **score(ref_params)}]
-    for method, setting, fields in _tuning_runs(
-        settings, os.path.join(reference_dir, "hf"), pairs_path
-    ):
-        name = f"{method}_{setting}".strip("_").replace("=", "")
-        _, params = _train(_run_config(base, **fields), os.path.join(out_dir, "runs", name))
-        rows.append({"method": method, "setting": setting, **score(params)})
-        print(f"[frontier] {method} {setting}: " + _summary(rows[-1]))
+    hf_reference = os.path.join(reference_dir, "hf")
+    runs = [(*run, _train) for run in _tuning_runs(settings, hf_reference, pairs_path)]
+    reward_model = {}
+    if settings.ppo_kl_coefs or settings.ppo_gt_kl_coefs:
+        reward_model = _reward_model(base, settings, hf_reference, pairs_path, out_dir)
+        ppo = frontier_rlhf.ppo_runs(settings, hf_reference, pairs_path, reward_model.pop("export"))
+        runs += [(*run, frontier_rlhf.train_ppo_policy) for run in ppo]
+    policies = _run_and_score(base, runs, score, rows, out_dir, _sweep_names(settings))
     draw_rewards = reference_rewards(  # [reference_draws, eval prompts]
         model_config,
         ref_params,
@@ -347,8 +375,55 @@ def run_frontier(
     )
     rows += best_of_n(draw_rewards, settings.best_of)
     optimal = kl_optimal_curve(draw_rewards, OPTIMAL_TEMPERATURES)
-    result = FrontierResult(rows, optimal, compare(rows, optimal))
+    sweep = temperature_sweep.win_rates(
+        model_config, policies, ref_params, tokenizer=tokenizer, prompts=eval_prompts,
+        reward=reward, rng=jax.random.fold_in(rng, 4), temperatures=settings.sweep_temperatures,
+        best_of=settings.sweep_best_of,
+    )  # fmt: skip
+    result = FrontierResult(rows, optimal, compare(rows, optimal), reward_model, sweep)
     write_results(result, out_dir)
+    return result
+
+
+def _sweep_names(settings: FrontierSettings) -> dict[tuple[str, str], str]:
+    """(method, setting) of each run the temperature sweep samples -> its name there."""
+    return {
+        ("DPO", f"beta={settings.sweep_dpo_beta}"): f"DPO β={settings.sweep_dpo_beta}",
+        ("PPO", f"beta={settings.sweep_ppo_beta}"): f"PPO β={settings.sweep_ppo_beta}",
+        ("Preferred-FT", ""): "Preferred-FT",
+    }
+
+
+def _run_and_score(base, runs, score, rows: list, out_dir: str, sweep_names: dict) -> dict:
+    """Trains and scores each (method, setting, fields, train function) run into `rows`;
+    returns the params of the sweep's runs by their sweep name, in sweep_names' order."""
+    kept = {}
+    for method, setting, fields, train_fn in runs:
+        name = f"{method}_{setting}".strip("_").replace("=", "")
+        _, params = train_fn(_run_config(base, **fields), os.path.join(out_dir, "runs", name))
+        rows.append({"method": method, "setting": setting, **score(params)})
+        print(f"[frontier] {method} {setting}: " + _summary(rows[-1]))
+        if (method, setting) in sweep_names:
+            kept[sweep_names[method, setting]] = params
+    return {name: kept[name] for name in sweep_names.values() if name in kept}
+
+
+def _reward_model(base, settings: FrontierSettings, hf_reference: str, pairs_path: str, out_dir):
+    """The reward model on the pairs but a held-out tail; its accuracy there and the ceiling."""
+    train_path, held_out_path = frontier_rlhf.split_pairs(
+        pairs_path, settings.held_out_pairs, out_dir
+    )
+    fields = frontier_rlhf.reward_model_fields(hf_reference, train_path, held_out_path, settings)
+    workdir = os.path.join(out_dir, "runs", "reward_model")
+    result = frontier_rlhf.reward_model_run(
+        _run_config(base, **fields), held_out_path, settings, workdir
+    )
+    ceiling = result["ceiling"]
+    print(
+        f"[frontier] reward model: held-out pair accuracy {result['accuracy']:.3f} on "
+        f"{result['num_pairs']} pairs; the true reward's {ceiling['accuracy']:.3f} (expected "
+        f"{ceiling['expected']:.3f})"
+    )
     return result
 
 
@@ -373,23 +448,7 @@ def _make_pairs_file(model_config, ref_params, tokenizer, settings, out_dir, rng
     return pairs_path
 
 
-def format_table(result: FrontierResult) -> str:
-    """The policies and the matched-KL comparisons as fixed-width tables."""
-    lines = [f"{'method':<15}{'setting':<10}{'reward':>9}{'± se':>8}{'KL nats':>10}{'± se':>8}"]
-    lines.append("-" * len(lines[0]))
-    for row in result.rows:
-        bound = f"   (bound {row['kl_bound']:.3f})" if "kl_bound" in row else ""
-        lines.append(
-            f"{row['method']:<15}{row['setting']:<10}{row['reward']:>9.3f}"
-            f"{row['reward_stderr']:>8.3f}{row['kl']:>10.3f}{row['kl_stderr']:>8.3f}{bound}"
-        )
-    lines += ["", f"{'DPO minus':<38}{'at KL':>8}{'difference':>12}{'± se':>8}"]
-    for item in result.comparisons:
-        lines.append(
-            f"{item['policy'] + ' − ' + item['against']:<38}{item['kl']:>8.3f}"
-            f"{item['difference']:>12.3f}{item['stderr']:>8.3f}"
-        )
-    return "\n".join(lines)
+format_table = frontier_report.format_table  # the tables of a result, for scripts
 
 
 def _write_csv(path: str, fields: tuple[str, ...], rows: list[dict]) -> None:
@@ -400,80 +459,22 @@ def _write_csv(path: str, fields: tuple[str, ...], rows: list[dict]) -> None:
 
 
 def write_results(result: FrontierResult, out_dir: str) -> None:
-    """frontier.csv (the policies, then the KL-optimal curve), frontier_matched.csv, the PNG."""
+    """frontier.csv (the policies, then the KL-optimal curve), frontier_matched.csv, the PNG;
+    frontier_reward_model.csv and temperature_sweep.csv / .png when they were measured."""
     os.makedirs(out_dir, exist_ok=True)
     _write_csv(os.path.join(out_dir, "frontier.csv"), CSV_FIELDS, result.rows + result.optimal)
     _write_csv(os.path.join(out_dir, "frontier_matched.csv"), COMPARISON_FIELDS, result.comparisons)
-    _plot(result, os.path.join(out_dir, "frontier.png"))
-
-
-def _plot(result: FrontierResult, png_path: str) -> None:
-    """Reward vs KL, all of it and up to best-of-N's largest KL: 1-s.e. bars, the optimal curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: scripts and CI
-    import matplotlib.pyplot as plt
-
-    figure, (whole, close) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
-    for axes in (whole, close):
-        _draw(axes, result)
-        axes.set(xlabel="KL(π ‖ π_ref)  [nats per sequence]", ylabel="mean true reward")
-    best = [row for row in result.rows if row["method"] == "best-of-N"]
-    kl_max = 1.1 * max(row["kl_bound"] for row in best) + 0.05
-    shown = [row["reward"] for row in result.rows + result.optimal if row["kl"] <= kl_max]
-    close.set(xlim=(-0.05, kl_max), ylim=(min(shown) - 0.02, max(shown) + 0.02))
-    whole.set_title("Reward vs KL on the synthetic task")
-    close.set_title("Up to best-of-N's largest KL")
-    whole.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(png_path)
-    plt.close(figure)
-
-
-def _draw(axes, result: FrontierResult) -> None:
-    """Each method's points and the KL-optimal curve on one matplotlib Axes."""
-    axes.plot(
-        [row["kl"] for row in result.optimal],
-        [row["reward"] for row in result.optimal],
-        ":",
-        color="grey",
-        label="KL-optimal π_ref·exp(r/τ)/Z (estimate)",
-    )
-    best = [row for row in result.rows if row["method"] == "best-of-N"]
-    axes.plot(
-        [row["kl_bound"] for row in best],
-        [row["reward"] for row in best],
-        "^:",
-        color="tab:green",
-        alpha=0.35,
-        label="best-of-N at its KL bound",
-    )
-    styles = {
-        "DPO": "o-",
-        "Preferred-FT": "s",
-        "Unlikelihood": "D",
-        "best-of-N": "^--",
-        "SFT reference": "k*",
-    }
-    for method, style in styles.items():
-        points = [row for row in result.rows if row["method"] == method]
-        axes.errorbar(
-            [row["kl"] for row in points],
-            [row["reward"] for row in points],
-            xerr=[row["kl_stderr"] for row in points],
-            yerr=[row["reward_stderr"] for row in points],
-            fmt=style,
-            color={"best-of-N": "tab:green"}.get(method),
-            label=method,
-            markersize=5,
-            capsize=2,
-        )
-        for row in points:
-            axes.annotate(
-                row["setting"].replace("beta=", "β=").replace("alpha=", "α="),
-                (row["kl"], row["reward"]),
-                fontsize=7,
-                xytext=(4, -9),
-                textcoords="offset points",
-                annotation_clip=True,
-            )
+    frontier_report.plot(result, os.path.join(out_dir, "frontier.png"))
+    if result.reward_model:
+        model, ceiling = result.reward_model, result.reward_model["ceiling"]
+        row = {
+            "reward_model_accuracy": model["accuracy"],
+            "true_reward_accuracy": ceiling["accuracy"],
+            "true_reward_expected_accuracy": ceiling["expected"],
+            "held_out_pairs": model["num_pairs"],
+        }
+        _write_csv(os.path.join(out_dir, "frontier_reward_model.csv"), tuple(row), [row])
+    if result.sweep:
+        sweep_csv = os.path.join(out_dir, "temperature_sweep.csv")
+        _write_csv(sweep_csv, temperature_sweep.FIELDS, result.sweep)
+        temperature_sweep.plot_sweep(result.sweep, os.path.join(out_dir, "temperature_sweep.png"))

@@ -138,15 +138,15 @@ def matched_kl(point: dict, curve_rows: list[dict], kl_field: str = "kl"):
 
 
 # Methods whose points the DPO curve is read at (one tuned model per point, not a curve).
-DPO_CURVE_AGAINST = ("Preferred-FT", "Unlikelihood")
+DPO_CURVE_AGAINST = ("Preferred-FT", "Unlikelihood", "PPO", "PPO-GT")
 
 
 def compare(rows: list[dict], optimal: list[dict]) -> list[dict]:
     """Matched-KL differences, DPO minus each other method (COMPARISON_FIELDS).
 
     Each DPO point against best-of-N (at its estimated KL and at its bound) and against the
-    KL-optimal curve; the DPO curve against Preferred-FT and each Unlikelihood point at that
-    point's KL.
+    KL-optimal curve; the DPO curve against each Preferred-FT, Unlikelihood, PPO and PPO-GT
+    point at that point's KL.
     """
     dpo = [row for row in rows if row["method"] == "DPO"]
     best = [row for row in rows if row["method"] == "best-of-N"]

@@ -67,6 +67,33 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_data(config.data, config.optimizer.grad_accum_steps)
     _check_choice(config, "guards.on_nonfinite", ON_NONFINITE)
     _check_positive(config, ("guards.collapse_patience", "guards.max_skipped_steps"))
+    _check_ppo(config)
+
+
+def _check_ppo(config: ml_collections.ConfigDict) -> None:
+    """config.ppo's ranges (its reward source is checked when PPO runs: `ppo_train`)."""
+    _check_non_negative(config, ("ppo.num_steps", "ppo.warmup_steps", "ppo.max_new_tokens"))
+    _check_positive(config, ("ppo.rollout_batch_size", "ppo.num_minibatches", "ppo.epochs"))
+    ppo = config.ppo
+    if ppo.rollout_batch_size % ppo.num_minibatches:
+        raise ValueError(
+            f"config.ppo.rollout_batch_size={ppo.rollout_batch_size} must divide into "
+            f"config.ppo.num_minibatches={ppo.num_minibatches} equal minibatches"
+        )
+    for field in ("learning_rate", "clip_range", "clip_range_value"):
+        if not ppo[field] > 0:
+            raise ValueError(f"config.ppo.{field}={ppo[field]!r} must be > 0")
+    for field in ("kl_coef", "value_coef"):
+        if not ppo[field] >= 0:
+            raise ValueError(f"config.ppo.{field}={ppo[field]!r} must be >= 0")
+    for field in ("gamma", "lam"):
+        if not 0 <= ppo[field] <= 1:
+            raise ValueError(f"config.ppo.{field}={ppo[field]!r} must be in [0, 1]")
+    if ppo.reward_model and ppo.true_reward:
+        raise ValueError(
+            f"config.ppo.reward_model={ppo.reward_model!r} and config.ppo.true_reward="
+            f'{ppo.true_reward!r}: PPO takes one reward source; set the other to ""'
+        )
 
 
 def _value(config: ml_collections.ConfigDict, field: str) -> Any:

@@ -50,7 +50,8 @@ def params_digest(params: Any) -> str:
     return _digest(*chunks)
 
 
-def _tokenizer_digest(tokenizer: Any) -> str:
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's vocabulary and model, special tokens, chat template and add_bos."""
     backend = getattr(tokenizer, "backend", None)
     vocabulary = backend.to_str() if backend is not None else repr(tokenizer)
     extra = json.dumps(
@@ -84,7 +85,7 @@ def fingerprint(
     """The components the reference log-probs depend on, each as a hex digest."""
     components = {
         "reference weights": params_digest(ref_params),
-        "tokenizer": _tokenizer_digest(tokenizer),
+        "tokenizer": tokenizer_digest(tokenizer),
         "data settings": _digest(json.dumps(data_settings, sort_keys=True).encode()),
         "scoring": _digest(json.dumps(scoring, sort_keys=True).encode()),
     }

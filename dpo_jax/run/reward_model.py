@@ -28,10 +28,11 @@ from dpo_jax import sharding
 from dpo_jax import step as step_lib
 from dpo_jax.losses import dpo_loss_fn
 from dpo_jax.models import ModelConfig, load_hf
-from dpo_jax.run import build, checkpoint, run_config, train
+from dpo_jax.run import build, checkpoint, ref_cache, run_config, train
 from dpo_jax.run import stage as stage_lib
 
 HEAD_FILE = "reward_head.safetensors"
+TOKENIZER_KEY = "tokenizer_digest"  # in the head file's metadata
 _BATCH_KEYS = ("tokens", "positions", "segment_ids")
 
 
@@ -165,13 +166,22 @@ def make_reward_stage(config, tokenizer, ctx, sources, counts: dict) -> stage_li
     )
 
 
-def export(directory: str, model_config: ModelConfig, params: dict) -> None:
+def export(directory: str, model_config: ModelConfig, params: dict, tokenizer: Any) -> None:
     """The backbone as a Hugging Face directory (`checkpoint.export_hf`) and the head beside it
-    in `reward_head.safetensors` (kernel [D], bias [], float32). Every process calls it."""
+    in `reward_head.safetensors` (kernel [D], bias [], float32), whose metadata holds the
+    tokenizer's digest (`ref_cache.tokenizer_digest`) so that PPO can refuse a reward model of
+    another tokenizer. Every process calls it."""
     checkpoint.export_hf(directory, model_config, params["backbone"])
     head = {name: np.asarray(jax.device_get(value)) for name, value in params["head"].items()}
     if jax.process_index() == 0:
-        save_file(head, os.path.join(directory, HEAD_FILE))
+        metadata = {TOKENIZER_KEY: ref_cache.tokenizer_digest(tokenizer)}
+        save_file(head, os.path.join(directory, HEAD_FILE), metadata=metadata)
+
+
+def tokenizer_digest_of(directory: str) -> str | None:
+    """The tokenizer digest an `export` wrote beside the head (None: an export without one)."""
+    with safe_open(os.path.join(directory, HEAD_FILE), framework="numpy") as f:
+        return (f.metadata() or {}).get(TOKENIZER_KEY)
 
 
 def load(directory: str) -> tuple[ModelConfig, dict]:
@@ -223,7 +233,7 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, history = stage_lib.run_stage(stage, params, reward_ctx)
     after = stage_lib.evaluate(stage, state.params, None, reward_ctx)
     directory = os.path.join(workdir, "reward_model", "export")
-    export(directory, model_config, state.params)
+    export(directory, model_config, state.params, tokenizer)
     return {
         "eval_before": before,
         "eval_after": after,
