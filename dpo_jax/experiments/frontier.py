@@ -93,12 +93,14 @@ class FrontierSettings:
     # against it at each β and PPO-GT against the true reward; () = none
     held_out_pairs: int = 512  # pairs the reward model is scored on (not trained on)
     rm_steps: int = 200  # reward-model steps (batch_size pairs each)
-    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.2, 0.5)  # PPO's β values
-    ppo_gt_kl_coefs: tuple[float, ...] = (0.2,)  # PPO-GT's β values
+    ppo_kl_coefs: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0)  # PPO's β values
+    # PPO-GT's β values: the true reward is in [0, 1], the reward model's on the Bradley-Terry
+    # scale (reward_scale times it), so PPO-GT at β pulls as PPO (RM) at reward_scale·β does
+    ppo_gt_kl_coefs: tuple[float, ...] = (0.02, 0.05, 0.1)
     ppo_steps: int = 100  # PPO iterations of each run (64 prompts, 4 epochs of 2 minibatches)
     # The temperature sweep (temperature_sweep): these policies, Preferred-FT and best-of-N
     sweep_dpo_beta: float = 0.5  # the DPO run of the sweep (one of betas)
-    sweep_ppo_beta: float = 0.2  # the PPO (RM) run of the sweep (one of ppo_kl_coefs)
+    sweep_ppo_beta: float = 0.5  # the PPO (RM) run of the sweep: KL 2.2, beside DPO β=0.5's 2.4
     sweep_best_of: int = 16
     sweep_temperatures: tuple[float, ...] = temperature_sweep.TEMPERATURES
 
