@@ -80,6 +80,7 @@ def test_frontier_writes_every_method_with_consistent_numbers(tmp_path):
         rm_steps=2,
         ppo_kl_coefs=(0.2,),
         ppo_gt_kl_coefs=(0.2,),
+        sweep_ppo_beta=0.2,
         ppo_steps=2,
         sweep_best_of=2,
         sweep_temperatures=(0.0, 1.0),
