@@ -3,9 +3,9 @@
 Trains π_ref by SFT on the synthetic task, labels pairs of its samples by Bradley–Terry on the
 true reward, then runs DPO at several β, Unlikelihood, Preferred-FT and best-of-N, and writes
 frontier.csv, frontier_matched.csv (DPO minus the others at matched KL) and frontier.png to
---out_dir (default docs/, the files docs/results.md shows). About seven minutes on a 2-core CPU
-(measured before Unlikelihood's run was added). The models come from --config (the main job's,
-configs/default.py).
+--out_dir (default docs/, the files docs/results.md shows). About eight minutes on a 2-core CPU
+(2026-12-04, with PPO, PPO-GT and the temperature sweep). The models come from --config
+(the main job's, configs/default.py).
 """
 
 import dataclasses

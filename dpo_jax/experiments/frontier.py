@@ -69,8 +69,7 @@ OPTIMAL_TEMPERATURES = (
 
 @dataclasses.dataclass(frozen=True)
 class FrontierSettings:
-    """The experiment's knobs (defaults: about seven minutes on a 2-core CPU, measured before
-    Unlikelihood's run was added)."""
+    """The experiment's knobs (defaults: 8 minutes on a 2-core CPU, 2026-12-04)."""
 
     betas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0)  # DPO's β values
     unlikelihood_alphas: tuple[float, ...] = (1.0,)  # Unlikelihood's α values; () = none
@@ -100,7 +99,7 @@ class FrontierSettings:
     ppo_steps: int = 100  # PPO iterations of each run (64 prompts, 4 epochs of 2 minibatches)
     # The temperature sweep (temperature_sweep): these policies, Preferred-FT and best-of-N
     sweep_dpo_beta: float = 0.5  # the DPO run of the sweep (one of betas)
-    sweep_ppo_beta: float = 0.5  # the PPO (RM) run of the sweep: KL 2.2, beside DPO β=0.5's 2.4
+    sweep_ppo_beta: float = 0.5  # the PPO (RM) run of the sweep (in ppo_kl_coefs; near DPO's KL)
     sweep_best_of: int = 16
     sweep_temperatures: tuple[float, ...] = temperature_sweep.TEMPERATURES
 
