@@ -163,6 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ppo.learning_rate = 1e-4  # peak rate of policy and value model (config.optimizer's)
     config.ppo.warmup_steps = 0  # linear warmup, in optimizer updates
     config.ppo.kl_coef = 0.1  # β >= 0 of the per-token KL penalty −β·(log π − log π_ref)
+    # > 0: β adapts toward this KL (nats per sequence) by Ziegler et al.'s controller, β starting
+    # at kl_coef; 0: β stays kl_coef.
+    config.ppo.kl_target = 0.0  # KL_target >= 0 of the adaptive KL controller; 0 = fixed β
+    config.ppo.kl_horizon = 10_000.0  # the controller's horizon H > 0, in sampled responses
     config.ppo.clip_range = 0.2  # ε > 0 of the clipped surrogate
     config.ppo.clip_range_value = 0.2  # ε_v > 0 of the clipped value loss
     config.ppo.value_coef = 0.1  # weight of the value loss (TRL's vf_coef)

@@ -40,7 +40,11 @@ class PPOSettings(NamedTuple):
     """PPO's static settings (config.ppo; each documented in configs/default.py).
 
     Attributes:
-      kl_coef: β of the per-token KL penalty to π_ref (fixed).
+      kl_coef: β of the per-token KL penalty to π_ref: fixed, or the adaptive controller's start.
+      kl_target: > 0: β is Ziegler et al.'s adaptive controller (`dpo_jax.ppo.AdaptiveKL`)
+        toward this KL, nats per sequence, carried in `TrainState.running["kl_coef"]` and
+        updated after each rollout from its mean KL; 0: β is fixed at kl_coef.
+      kl_horizon: the controller's horizon H, in samples.
       epochs: passes over each rollout batch.
       num_minibatches: minibatches per pass (the batch must divide by it).
       clip_range: ε of the clipped surrogate.
@@ -51,6 +55,8 @@ class PPOSettings(NamedTuple):
     """
 
     kl_coef: float = 0.1
+    kl_target: float = 0.0
+    kl_horizon: float = 10_000.0
     epochs: int = 4
     num_minibatches: int = 2
     clip_range: float = 0.2
@@ -121,6 +127,18 @@ def reward_model_scores(apply_fn, reward_params: dict, rows: dict[str, jax.Array
     return _head(last_hidden, reward_params["head"])
 
 
+def initial_running(settings: PPOSettings) -> dict[str, float] | None:
+    """`TrainState.running` at step 0: the adaptive controller's β, or None for a fixed β."""
+    return {"kl_coef": settings.kl_coef} if settings.kl_target else None
+
+
+def kl_control(state: step_lib.TrainState, settings: PPOSettings) -> ppo.FixedKL | ppo.AdaptiveKL:
+    """The KL coefficient's controller at this state: fixed, or adaptive with the carried β."""
+    if not settings.kl_target:
+        return ppo.FixedKL(settings.kl_coef)
+    return ppo.AdaptiveKL(state.running["kl_coef"], settings.kl_target, settings.kl_horizon)
+
+
 def _minibatch_loss(params, minibatch, *, apply_fn, settings: PPOSettings):
     logps, mask = token_logps(apply_fn, params["policy"], minibatch)
     values = token_values(apply_fn, params["value"], minibatch)
@@ -180,7 +198,8 @@ def _score_rollout(state, reference, batch, rng, *, apply_fn, settings, sample_f
     ref_logps, _ = token_logps(apply_fn, ref_params["policy"], rows)
     old_values = jnp.where(mask, token_values(apply_fn, state.params["value"], rows), 0.0)
     scores = score_fn(ref_params, rows, batch["prompt_index"], response, lengths)  # [B]
-    rewards, kl = ppo.kl_penalized_rewards(scores, old_logps, ref_logps, mask, settings.kl_coef)
+    kl_coef = kl_control(state, settings).coef
+    rewards, kl = ppo.kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef)
     if settings.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = ppo.gae(rewards, old_values, mask, gamma=settings.gamma, lam=settings.lam)
@@ -195,8 +214,9 @@ def _score_rollout(state, reference, batch, rng, *, apply_fn, settings, sample_f
     metrics = {
         "objective/kl": jnp.mean(sequence_kl),
         "objective/scores": jnp.mean(scores),
-        "objective/non_score_reward": -settings.kl_coef * jnp.mean(sequence_kl),
-        "objective/rlhf_reward": jnp.mean(scores - settings.kl_coef * sequence_kl),
+        "objective/non_score_reward": -kl_coef * jnp.mean(sequence_kl),
+        "objective/rlhf_reward": jnp.mean(scores - kl_coef * sequence_kl),
+        "objective/kl_coef": jnp.asarray(kl_coef, jnp.float32),
         "val/num_eos_tokens": jnp.sum(finished, dtype=jnp.int32),
         "logps/chosen": jnp.mean(jnp.sum(old_logps, axis=1)),  # the step-0 check's names
         "logps/ref_abs_diff": jnp.mean(jnp.abs(sequence_kl)),
@@ -261,6 +281,11 @@ def ppo_update_fn(
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     metrics["num_tokens"] = step_lib.batch_tokens(rollout)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    control = ppo.update_kl_coef(
+        kl_control(state, settings), metrics["objective/kl"], batch["tokens"].shape[0]
+    )
+    if settings.kl_target:
+        new_state = new_state.replace(running={"kl_coef": control.coef})
     finite = step_lib.all_finite(metrics["loss"], metrics["grad_norm"], params)
     finite = finite & jnp.all(jnp.isfinite(scores))
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)

@@ -56,16 +56,17 @@ class TrainState:
       reference_params: the reference's part of the state, `dpo_jax.reference.initial_state`:
         the moving reference's params with TR-DPO (checkpointed with the state), else None (a
         frozen reference is the step's `reference` argument, never part of the state).
-      bco_running_mean: [] float32, bco_pair's running mean reward δ₀ (0 for other losses).
-      bco_running_count: [] float32, batches that mean has seen.
+      running: the [] float32 scalars the objective carries from step to step, replicated (a
+        dict, or None when it carries none): bco_pair's {"bco_running_mean": δ₀,
+        "bco_running_count": the batches δ₀ has seen} (`initial_running`), PPO's adaptive
+        {"kl_coef": β} (`dpo_jax.ppo_step`). Its step-0 value is the stage's `running`.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     reference_params: Any = None
-    bco_running_mean: jax.Array | None = None
-    bco_running_count: jax.Array | None = None
+    running: dict[str, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +206,14 @@ def _forward_logps(apply_fn: Callable, options: LossOptions, batch: dict[str, ja
         batch,
         options.ld_alpha,
     )
+
+
+def initial_running(options: LossOptions) -> dict[str, float] | None:
+    """`TrainState.running` at step 0 for a stage of these loss options: bco_pair's δ₀ and its
+    count at 0, or None (no other objective of the step carries anything)."""
+    if options.uses_bco:
+        return {"bco_running_mean": 0.0, "bco_running_count": 0.0}
+    return None
 
 
 def loss_and_metrics(
@@ -371,7 +380,7 @@ def update_fn(
     bound = reference_lib.bind(reference, state.reference_params)
     bco_state = None
     if options.uses_bco:
-        bco_state = (state.bco_running_mean, state.bco_running_count)
+        bco_state = (state.running["bco_running_mean"], state.running["bco_running_count"])
     grads, metrics = _grads_and_metrics(
         state.params, bound, batch, bco_state, apply_fn=apply_fn, options=options, mesh=mesh
     )
@@ -389,10 +398,8 @@ def update_fn(
         ),
     )
     if options.uses_bco:
-        new_state = new_state.replace(
-            bco_running_mean=metrics["bco/running_mean"],
-            bco_running_count=metrics["bco/running_count"],
-        )
+        running = {"bco_running_mean": "bco/running_mean", "bco_running_count": "bco/running_count"}
+        new_state = new_state.replace(running={k: metrics[m] for k, m in running.items()})
     finite = all_finite(metrics["loss"], metrics["grad_norm"], params)
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
     return applied_if(finite, new_state, state), metrics

@@ -18,10 +18,16 @@ from dpo_jax.run import errors, ppo_train, reward_model, train
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 from tiny_tokenizers import make_word_tokenizer  # noqa: E402
 
+# The module's run adapts β (Ziegler et al.'s controller), with a horizon short enough that β
+# moves visibly in 4 iterations of 8 responses: the resume test then also checks that β resumes.
+KL_TARGET, KL_HORIZON = 0.5, 40.0
+
 
 def ppo_config(**changes):
     defaults = dict(
         ppo__true_reward="high_digits",
+        ppo__kl_target=KL_TARGET,
+        ppo__kl_horizon=KL_HORIZON,
         ppo__num_steps=4,
         checkpoint__every_steps=2,
         checkpoint__keep=3,
@@ -63,13 +69,33 @@ def test_a_resumed_ppo_run_gives_the_uninterrupted_runs_losses_and_policy(uninte
     assert summary["train_first"]["step"] == 3  # it resumed, and replayed steps 3 and 4
     by_step = {record["step"]: record for record in _metrics(done)}
     for record in (summary["train_first"], summary["train_last"]):
-        for name in ("loss", "objective/scores", "objective/kl", "loss/value_avg", "grad_norm"):
+        names = ("loss", "objective/scores", "objective/kl", "objective/kl_coef", "loss/value_avg")
+        for name in (*names, "grad_norm"):
             assert record[name] == by_step[record["step"]][name], name
     expected = load_file(os.path.join(done, "ppo", "export", "model.safetensors"))
     found = load_file(os.path.join(resumed, "ppo", "export", "model.safetensors"))
     assert expected.keys() == found.keys()
     for name in expected:
         np.testing.assert_array_equal(found[name], expected[name], err_msg=name)
+
+
+def test_the_adaptive_kl_coefficient_follows_ziegler_et_als_controller(uninterrupted):
+    """β_{t+1} = β_t·(1 + clip(KL_t / KL_target − 1, −0.2, 0.2)·B / H), KL_t the mean sequence
+    KL of iteration t's rollout (NumPy, from the logged metrics); β_1 = config.ppo.kl_coef."""
+    done, _ = uninterrupted
+    records = sorted(_metrics(done), key=lambda record: record["step"])
+    config = ppo_config()
+    coef = config.ppo.kl_coef
+    batch = config.ppo.rollout_batch_size
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
+    for record in records:
+        assert record["objective/kl_coef"] == pytest.approx(coef, rel=1e-6)
+        assert record["objective/non_score_reward"] == pytest.approx(
+            -coef * record["objective/kl"], rel=1e-5, abs=1e-7
+        )
+        error = np.clip(record["objective/kl"] / KL_TARGET - 1.0, -0.2, 0.2)
+        coef = coef * (1.0 + error * batch / KL_HORIZON)
+    assert records[-1]["objective/kl_coef"] != config.ppo.kl_coef  # it moved
 
 
 def test_ppo_without_a_reward_source_is_one_line(tmp_path):

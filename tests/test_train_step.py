@@ -207,4 +207,4 @@ def test_reference_free_and_stateful_losses_run_through_the_step(tmp_path, loss_
     state, history = run_steps(stage, ctx, params, num_steps=2)
     assert all(np.isfinite(m["loss"]) for m in history)
     if loss_type == "bco_pair":
-        assert float(state.bco_running_count) == 2.0
+        assert float(state.running["bco_running_count"]) == 2.0

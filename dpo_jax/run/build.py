@@ -239,6 +239,7 @@ def make_dpo_stage(
         reference=reference,
         train_batches=train_batches,
         eval_batches=eval_batches,
+        running=step_lib.initial_running(options),
     )
 
 

@@ -83,7 +83,14 @@ def _check_ppo(config: ml_collections.ConfigDict) -> None:
     for field in ("learning_rate", "clip_range", "clip_range_value"):
         if not ppo[field] > 0:
             raise ValueError(f"config.ppo.{field}={ppo[field]!r} must be > 0")
-    for field in ("kl_coef", "value_coef"):
+    if not ppo.kl_horizon > 0:
+        raise ValueError(f"config.ppo.kl_horizon={ppo.kl_horizon!r} must be > 0")
+    if ppo.kl_target and not ppo.kl_coef > 0:
+        raise ValueError(
+            f"config.ppo.kl_target={ppo.kl_target!r} with kl_coef={ppo.kl_coef!r}: the adaptive "
+            "controller scales β, so it must start > 0"
+        )
+    for field in ("kl_coef", "kl_target", "value_coef"):
         if not ppo[field] >= 0:
             raise ValueError(f"config.ppo.{field}={ppo[field]!r} must be >= 0")
     for field in ("gamma", "lam"):

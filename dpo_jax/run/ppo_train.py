@@ -213,6 +213,7 @@ def make_ppo_stage(config, model_config, tokenizer, prompt_ids, score_fn, ref_pa
         train_batches=batches,
         eval_batches=[],
         update_fn=update_fn,
+        running=ppo_step.initial_running(settings),
     )
 
 

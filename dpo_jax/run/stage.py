@@ -39,6 +39,8 @@ class Stage:
       update_fn, eval_fn: the stage's pure steps, with `dpo_jax.step.update_fn`'s and
         `eval_fn`'s signatures (the reward model's stage brings its own:
         `dpo_jax.run.reward_model`).
+      running: `TrainState.running` at step 0, as floats (bco_pair's δ₀ and count, PPO's
+        adaptive β), or None.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Stage:
     update_fn: Any = step_lib.update_fn
     eval_fn: Any = step_lib.eval_fn
     eval_step: Any = None  # the compiled eval_fn, made on first use and kept
+    running: dict[str, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,6 @@ class Context:
 
 def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage):
     """The step-0 TrainState of a stage that starts from `params` (a pure function to jit)."""
-    bco = jnp.zeros((), jnp.float32) if stage.options.uses_bco else None
     trainable = reference_lib.trainable_init(stage.reference, params)  # LoRA: fresh adapters
     return step_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -88,8 +90,7 @@ def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage
         # A moving reference starts as the initial policy, in buffers of its own (at most one
         # jit output can take over a donated input's buffers).
         reference_params=reference_lib.initial_state(stage.reference, params),
-        bco_running_mean=bco,
-        bco_running_count=bco,
+        running=jax.tree.map(lambda value: jnp.asarray(value, jnp.float32), stage.running),
     )
 
 
@@ -100,14 +101,12 @@ def state_shardings(abstract_state: step_lib.TrainState, stage: Stage, ctx: Cont
     opt_shardings = _like_params(
         abstract_state.opt_state, abstract_state.params, trainable, replicated
     )
-    bco = replicated if stage.options.uses_bco else None
     return step_lib.TrainState(
         step=replicated,
         params=trainable,
         opt_state=opt_shardings,
         reference_params=reference_lib.state_shardings(stage.reference, ctx.param_shardings),
-        bco_running_mean=bco,
-        bco_running_count=bco,
+        running=jax.tree.map(lambda _: replicated, stage.running),
     )
 
 
