@@ -78,6 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.source = "synthetic"  # "synthetic", or a .jsonl / .parquet path of records
     config.data.eval_source = ""  # held-out records path; "" = synthetic eval split / none
+    # A Hugging Face dataset as source or eval_source: "hf://<name>" (a Hub id, or anything
+    # datasets.load_dataset takes) or a save_to_disk directory; docs/data.md.
+    config.data.split = "train"  # split of an HF dataset source (hf://, save_to_disk dir)
+    config.data.eval_split = "test"  # split of an HF dataset eval_source
+    # Dataset columns read as our fields, "prompt=question,chosen=good,rejected=bad"; "" = none
+    config.data.columns = ""  # field=column pairs for HF dataset sources
     config.data.tokenizer = "synthetic"  # "synthetic" (word level), "model" (of hf_path), a dir
     config.data.num_train_pairs = 4096  # synthetic: pairs generated for training
     config.data.num_eval_pairs = 256  # synthetic: held-out pairs (prompts never in training)

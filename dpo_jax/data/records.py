@@ -10,6 +10,7 @@ from typing import Any
 
 import jinja2
 
+from dpo_jax.data import hf_datasets
 from dpo_jax.data.boundary import BoundaryError
 
 # HH-RLHF's turn marker: an implicit prompt is cut right after its last occurrence.
@@ -157,7 +158,9 @@ def from_sequence(records: Sequence[Mapping[str, Any]], name: str = "records") -
 
 
 def load_records(source: Any) -> list[RawRecord]:
-    """Reads records from a `.jsonl`/`.json` or `.parquet` path, or a sequence of dicts.
+    """Reads records from a `.jsonl`/`.json` or `.parquet` path, a sequence of dicts, or a
+    Hugging Face `datasets` source (`dpo_jax.data.hf_datasets`: hf://<name>, a `save_to_disk`
+    directory, a `Dataset` or `DatasetRecords`; a bare one is read at split "train", unrenamed).
 
     A `.json` file may hold one object per line (as `.jsonl`) or one array of objects.
 
@@ -168,7 +171,12 @@ def load_records(source: Any) -> list[RawRecord]:
       ValueError: there are no records, or the path's suffix is not known.
       TypeError: `source` is none of the above.
     """
-    if isinstance(source, (str, os.PathLike)):
+    if hf_datasets.is_dataset_object(source) or hf_datasets.is_hf_path(source):
+        source = hf_datasets.open_source(source, split="train")
+    if isinstance(source, hf_datasets.DatasetRecords):
+        raw = from_sequence(source, name=source.name)
+        name = source.name
+    elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if path.endswith(".json") and _is_json_array(path):
             raw = read_json_array(path)

@@ -15,7 +15,7 @@ import ml_collections
 from dpo_jax import lora, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
-from dpo_jax.data import coverage, synthetic
+from dpo_jax.data import coverage, hf_datasets, synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
 from dpo_jax.run import ref_cache, ref_logps
 from dpo_jax.run.config_checks import lora_targets, loss_names, loss_weights
@@ -42,13 +42,24 @@ def _data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def data_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-    """(train source, eval source or None): synthetic records, or the configured paths."""
+    """(train source, eval source or None): synthetic records, the configured paths, or the
+    configured Hugging Face datasets opened at data.split / data.eval_split with data.columns
+    (`dpo_jax.data.hf_datasets`; the reference cache then keys on their fingerprints)."""
     if config.data.source == "synthetic":
         return (
             synthetic.make_records(config.data.num_train_pairs, seed=config.seed, split="train"),
             synthetic.make_records(config.data.num_eval_pairs, seed=config.seed, split="eval"),
         )
-    return config.data.source, config.data.eval_source or None
+    columns = hf_datasets.parse_columns(config.data.columns)
+    sources = []
+    for source, split in (
+        (config.data.source, config.data.split),
+        (config.data.eval_source, config.data.eval_split),
+    ):
+        if hf_datasets.is_hf_path(source):
+            source = hf_datasets.open_source(source, split=split, columns=columns)
+        sources.append(source or None)
+    return sources[0], sources[1]
 
 
 def _kto_options(config, stage: str, batch_size: int) -> dict[str, Any]:

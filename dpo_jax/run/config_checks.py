@@ -15,6 +15,7 @@ import ml_collections
 
 from dpo_jax import lora
 from dpo_jax import reference as reference_lib
+from dpo_jax.data.hf_datasets import parse_columns
 from dpo_jax.data.pipeline import check_batching
 from dpo_jax.data.tokenize import check_limits
 from dpo_jax.losses import LOSS_ALIASES, LOSS_VARIANTS, dpo_loss_fn
@@ -291,3 +292,4 @@ def _check_data(data: ml_collections.ConfigDict, grad_accum_steps: int) -> None:
             f"config.data.batch_size={data.batch_size} must be divisible by "
             f"config.optimizer.grad_accum_steps={grad_accum_steps}"
         )
+    parse_columns(data.columns)  # field=column pairs, named in the error

@@ -67,6 +67,8 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 def _source_digest(source: Any) -> str:
+    if getattr(source, "fingerprint", None):  # a `datasets` source: its own digest
+        return _digest(f"datasets {source.fingerprint}".encode())
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return _digest(f.read())
