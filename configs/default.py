@@ -244,6 +244,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log.num_eval_batches = 0  # eval batches per evaluation; 0 = the whole eval set
     config.log.progress_bar = True  # tqdm bar with loss, reward accuracy, tokens/s
     config.log.tensorboard = True  # TensorBoard event files in <workdir>/<stage>/tb
+    # Weights & Biases (process 0 only; W&B's own settings apply, e.g. WANDB_MODE=offline): the
+    # config, every metric as <stage>/<split>/<name> and the summary table; a resume continues
+    # the W&B run whose id is in <workdir>/wandb_run_id.
+    config.log.wandb_project = ""  # W&B project name; "" = no W&B
+    config.log.wandb_entity = ""  # W&B entity (user or team); "" = W&B's default
 
     _apply_variant(config, arg or "")
     config.lock()

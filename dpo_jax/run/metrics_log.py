@@ -1,4 +1,4 @@
-"""Where metrics go: a JSONL file, TensorBoard event files and a tqdm progress bar."""
+"""Where metrics go: a JSONL file, TensorBoard event files, W&B and a tqdm progress bar."""
 
 import json
 import os
@@ -12,7 +12,7 @@ _BAR_FIELDS = {"loss": "loss", "rewards/accuracies": "acc", "tokens_per_second":
 
 
 class MetricsWriter:
-    """Writes scalar metrics of one stage to `<directory>/metrics.jsonl` and TensorBoard.
+    """Writes scalar metrics of one stage to `<directory>/metrics.jsonl`, TensorBoard and W&B.
 
     Only process 0 writes; other processes get a writer that does nothing. A run resumed at
     `resume_step` first drops the records of later steps (written before a crash, and about to be
@@ -20,9 +20,20 @@ class MetricsWriter:
     """
 
     def __init__(
-        self, directory: str, *, tensorboard: bool, enabled: bool = True, resume_step: int = 0
+        self,
+        directory: str,
+        *,
+        tensorboard: bool,
+        enabled: bool = True,
+        resume_step: int = 0,
+        wandb_log: Any = None,
+        stage: str = "",
     ):
+        """`wandb_log`: the run's `dpo_jax.run.wandb_log.WandbLog` (or None), which gets every
+        record as `<stage>/<split>/<name>`."""
         self.enabled = enabled
+        self._wandb = wandb_log if enabled else None
+        self._stage = stage
         self._tensorboard = None
         self._jsonl = None
         if not enabled:
@@ -53,6 +64,8 @@ class MetricsWriter:
         if self._tensorboard is not None:
             for name, value in scalars.items():
                 self._tensorboard.add_scalar(f"{split}/{name}", value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(self._stage, split, int(step), scalars)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -78,6 +78,7 @@ class Context:
     max_skipped_steps: int = 10  # with "skip": stop after this many in a row
     collapse_patience: int = 3  # warn after this many collapsed-looking log steps in a row
     step0_tolerance: float | None = None  # the step-0 check's relative tolerance; None: off
+    wandb: Any = None  # the run's `wandb_log.WandbLog` (None: no W&B), fed by the metrics writer
 
 
 def init_state_fn(params: Any, *, tx: optax.GradientTransformation, stage: Stage):
@@ -317,7 +318,12 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
     is_main = jax.process_index() == 0
     # Records after `start` are from steps this run replays (a crash after the last checkpoint).
     writer = MetricsWriter(
-        directory, tensorboard=ctx.tensorboard, enabled=is_main, resume_step=start
+        directory,
+        tensorboard=ctx.tensorboard,
+        enabled=is_main,
+        resume_step=start,
+        wandb_log=ctx.wandb,
+        stage=stage.name,
     )
     bar = ProgressBar(
         total=stage.num_steps,

@@ -5,6 +5,7 @@ it). It reads top to bottom; below it, each named helper does one thing, and eve
 this module takes explicit arguments, never the ConfigDict.
 """
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -17,7 +18,7 @@ from dpo_jax import evaluation, sharding
 from dpo_jax import reference as reference_lib
 from dpo_jax.data import synthetic
 from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
-from dpo_jax.run import checkpoint, errors, run_config
+from dpo_jax.run import checkpoint, errors, run_config, wandb_log
 from dpo_jax.run.build import (  # noqa: F401 - re-exported: the stage builders' public names
     REFERENCE_FREE_LOSSES,
     REFERENCES,
@@ -80,6 +81,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     mesh = make_mesh(config)
     tokenizer, model_config, loaded_params = load_model(config, workdir)
     ctx = make_context(config, mesh, model_config, workdir)
+    log = wandb_log.open_run(config, workdir)
+    ctx = dataclasses.replace(ctx, wandb=log)
+    try:
+        summary = _run_stages(config, workdir, tokenizer, model_config, loaded_params, ctx)
+    except BaseException:
+        log.finish(exit_code=1)  # the run stays resumable: its id is in the workdir
+        raise
+    log.finish(exit_code=0, summary=summary, table=summary_rows(summary))
+    return summary
+
+
+def _run_stages(config, workdir: str, tokenizer, model_config, loaded_params, ctx) -> dict:
+    """SFT (if any), then DPO, the export and the summary (`train_and_evaluate`'s body)."""
     sources = data_sources(config)
     data_counts: dict[str, Any] = {}
     params = initial_params(model_config, loaded_params, ctx, config.seed)
@@ -308,6 +322,25 @@ def generation_summary(config, model_config, tokenizer, records, stage: Stage, s
     )
 
 
+def _summary_columns(summary: dict[str, Any]) -> tuple[tuple[str, dict], ...]:
+    return (
+        ("eval, before DPO", summary["before_dpo"]),
+        ("eval, after DPO", summary["after_dpo"]),
+        ("train, first log", summary["train_first"]),
+        ("train, last log", summary["train_last"]),
+    )
+
+
+def summary_rows(summary: dict[str, Any]) -> list[list]:
+    """The summary table as rows: a header ("metric", the column titles), then one row per
+    metric of SUMMARY_METRICS (None where a column has no value); W&B's summary_table."""
+    columns = _summary_columns(summary)
+    rows = [["metric", *(title for title, _ in columns)]]
+    for name in SUMMARY_METRICS:
+        rows.append([name, *(values.get(name) for _, values in columns)])
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The table printed at the end of the main job."""
     lines = []
@@ -317,12 +350,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             "SFT (held-out NLL per chosen token): "
             f"{sft['eval_before'].get('loss', float('nan')):.4f} -> {sft['eval_after']['loss']:.4f}"
         )
-    columns = (
-        ("eval, before DPO", summary["before_dpo"]),
-        ("eval, after DPO", summary["after_dpo"]),
-        ("train, first log", summary["train_first"]),
-        ("train, last log", summary["train_last"]),
-    )
+    columns = _summary_columns(summary)
     header = f"{'metric':<22}" + "".join(f"{title:>20}" for title, _ in columns)
     lines += [header, "-" * len(header)]
     for name in SUMMARY_METRICS:
