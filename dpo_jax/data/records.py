@@ -10,6 +10,7 @@ from typing import Any
 
 import jinja2
 
+from dpo_jax import storage
 from dpo_jax.data import hf_datasets
 from dpo_jax.data.boundary import BoundaryError
 
@@ -72,7 +73,7 @@ def read_jsonl(path: str | os.PathLike) -> list[RawRecord]:
     """
     path = os.fspath(path)
     records = []
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         for line_number, raw_line in enumerate(f, start=1):
             where = f"{path}:{line_number}"
             line = _decode_line(raw_line, where)
@@ -110,7 +111,7 @@ def read_json_array(path: str | os.PathLike) -> list[RawRecord]:
       ValueError: the file is not valid UTF-8 or JSON, or an element is not an object.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         text = _decode_line(f.read(), path)
     try:
         array = json.loads(text)
@@ -127,7 +128,7 @@ def read_json_array(path: str | os.PathLike) -> list[RawRecord]:
 
 
 def _is_json_array(path: str) -> bool:
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         head = f.read(4096).lstrip()
     return head.startswith(b"[")
 
@@ -137,7 +138,8 @@ def read_parquet(path: str | os.PathLike) -> list[RawRecord]:
     import pyarrow.parquet  # only Parquet users pay for pyarrow
 
     path = os.fspath(path)
-    rows = pyarrow.parquet.read_table(path).to_pylist()
+    with storage.open_file(path, "rb") as f:
+        rows = pyarrow.parquet.read_table(f).to_pylist()
     return [RawRecord(row, f"{path} row {index}") for index, row in enumerate(rows)]
 
 

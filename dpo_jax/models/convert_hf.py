@@ -11,9 +11,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dpo_jax import storage
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.transformer import Params
 
@@ -462,9 +464,16 @@ def save_hf(model_dir: str, config: ModelConfig, params: Params) -> None:
 
     Weights are written in `config.param_dtype`; a tied model writes no lm_head.
     """
-    os.makedirs(model_dir, exist_ok=True)
     tensors = hf_tensors_from_params(config, params)
-    save_file(tensors, os.path.join(model_dir, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
-        json.dump(config.to_hf_config(), f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_safetensors(storage.join(model_dir, WEIGHTS_FILE), tensors, {"format": "pt"})
+    text = json.dumps(config.to_hf_config(), indent=2, sort_keys=True) + "\n"
+    storage.write_text(storage.join(model_dir, CONFIG_FILE), text)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]):
+    """A safetensors file at a local path (streamed) or a URL (serialised, then one upload)."""
+    if storage.is_remote(path):
+        storage.write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(tensors, path, metadata=metadata)

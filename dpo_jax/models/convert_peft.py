@@ -10,13 +10,12 @@ transformers' weight (`convert_hf.linear_weight_names`), so PEFT's are A.T and B
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
-from safetensors.numpy import save_file
 
+from dpo_jax import storage
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.convert_hf import linear_weight_names
+from dpo_jax.models.convert_hf import linear_weight_names, write_safetensors
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -81,11 +80,9 @@ def save_peft(
       base_model: where the base lives (`base_model_name_or_path`).
       base_fingerprint: the base params' sha256, kept in the file's metadata.
     """
-    os.makedirs(directory, exist_ok=True)
     metadata = {"format": "pt", "dpo_jax_base_fingerprint": base_fingerprint}
-    save_file(
-        peft_tensors(config, adapters), os.path.join(directory, ADAPTER_WEIGHTS_FILE), metadata
-    )
+    path = storage.join(directory, ADAPTER_WEIGHTS_FILE)
+    write_safetensors(path, peft_tensors(config, adapters), metadata)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -100,6 +97,5 @@ def save_peft(
         "inference_mode": True,
         "base_model_name_or_path": base_model,
     }
-    with open(os.path.join(directory, ADAPTER_CONFIG_FILE), "w") as f:
-        json.dump(adapter_config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
+    storage.write_text(storage.join(directory, ADAPTER_CONFIG_FILE), text)

@@ -5,14 +5,13 @@ and hands explicit arguments to the modules below it.
 """
 
 import functools
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
 
-from dpo_jax import lora, sharding
+from dpo_jax import lora, sharding, storage
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
 from dpo_jax.data import coverage, hf_datasets, synthetic
@@ -257,7 +256,7 @@ def make_dpo_stage(
 def _cached_reference_logps(config, tokenizer, ctx: Context, sources, options, ref_params):
     """(table, cache file): read from `config.dpo.ref_cache_dir` when a run with the same
     fingerprint wrote it (no reference forward runs), else computed and written there."""
-    cache_dir = config.dpo.ref_cache_dir or os.path.join(ctx.workdir, "ref_logps_cache")
+    cache_dir = config.dpo.ref_cache_dir or storage.join(ctx.workdir, "ref_logps_cache")
     components = ref_cache.fingerprint(
         ref_params=ref_params,
         tokenizer=tokenizer,

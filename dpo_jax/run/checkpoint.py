@@ -8,7 +8,6 @@ final checkpoint, or the loaded / initialised model).
 
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpo_jax import storage
 from dpo_jax.models import ModelConfig, save_hf
 from dpo_jax.models.convert_peft import save_peft
 from dpo_jax.run import errors
@@ -36,15 +36,18 @@ def make_manager(directory: str, *, keep: int, every_steps: int) -> ocp.Checkpoi
         raise ValueError(
             f"checkpoint.keep={keep} and checkpoint.every_steps={every_steps} must be >= 1"
         )
-    # Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-    # kill mid-write leaves the previous checkpoints whole; the partial one is removed here.
+    # Orbax writes each checkpoint to a temporary directory and renames it when complete (on an
+    # object store: writes a commit marker last), so a kill mid-write leaves the previous
+    # checkpoints whole; the partial one is removed here. gs:// goes to tensorstore as it is.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=every_steps,
         create=True,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    if not storage.is_remote(directory):
+        directory = os.path.abspath(directory)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def save(
@@ -151,12 +154,13 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
-    source = os.path.join(str(manager.directory), str(step))
-    damaged = os.path.join(os.path.dirname(str(manager.directory)), "damaged_checkpoints")
-    os.makedirs(damaged, exist_ok=True)
-    target = os.path.join(damaged, f"{step}-{int(time.time())}")
+    directory = str(manager.directory)
+    source = storage.join(directory, str(step))
+    damaged = storage.join(directory.rstrip("/").rsplit("/", 1)[0], "damaged_checkpoints")
+    target = storage.join(damaged, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
-        shutil.move(source, target)
+        storage.make_dirs(damaged)
+        storage.move(source, target)
     reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     print(
         f"checkpoint {source} is damaged ({reason}); moved it to {target} and falling back to "
@@ -218,10 +222,9 @@ def check_lora_base(directory: str, fingerprint: str, has_checkpoints: bool) -> 
     Raises:
       ValueError: naming the file and both fingerprints.
     """
-    path = os.path.join(directory, LORA_BASE_FILE)
-    if has_checkpoints and os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f)["base_fingerprint"]
+    path = storage.join(directory, LORA_BASE_FILE)
+    if has_checkpoints and storage.exists(path):
+        recorded = json.loads(storage.read_text(path))["base_fingerprint"]
         if recorded != fingerprint:
             raise ValueError(
                 f"{path}: the LoRA checkpoints in {directory} were trained on a base with "
@@ -231,10 +234,7 @@ def check_lora_base(directory: str, fingerprint: str, has_checkpoints: bool) -> 
             )
         return
     if jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"base_fingerprint": fingerprint}, f)
-            f.write("\n")
+        storage.write_text(path, json.dumps({"base_fingerprint": fingerprint}) + "\n")
 
 
 def _to_host(leaf: Any) -> Any:

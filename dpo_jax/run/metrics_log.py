@@ -1,11 +1,12 @@
 """Where metrics go: a JSONL file, TensorBoard event files, W&B and a tqdm progress bar."""
 
 import json
-import os
 import time
 from typing import Any
 
 import numpy as np
+
+from dpo_jax import storage
 
 # What the progress bar shows, by metric name -> short label.
 _BAR_FIELDS = {"loss": "loss", "rewards/accuracies": "acc", "tokens_per_second": "tok/s"}
@@ -16,7 +17,10 @@ class MetricsWriter:
 
     Only process 0 writes; other processes get a writer that does nothing. A run resumed at
     `resume_step` first drops the records of later steps (written before a crash, and about to be
-    replayed), so each step is listed once.
+    replayed), so each step is listed once. On an object store (a gs:// workdir), which cannot
+    append, the JSONL file is rewritten whole at each write (`dpo_jax.storage.write_text`: one
+    upload, so a reader sees the old file or the new one); TensorBoard writes there through
+    tensorboardX's own gs:// writer.
     """
 
     def __init__(
@@ -38,14 +42,16 @@ class MetricsWriter:
         self._jsonl = None
         if not enabled:
             return
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "metrics.jsonl")
-        _drop_records_after(path, resume_step)
-        self._jsonl = open(path, "a")
+        storage.make_dirs(directory)
+        self._path = storage.join(directory, "metrics.jsonl")
+        kept = _drop_records_after(self._path, resume_step)
+        self._lines = kept if storage.is_remote(directory) else None  # rewritten whole
+        if self._lines is None:
+            self._jsonl = open(self._path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # only runs that want event files pay for it
 
-            self._tensorboard = SummaryWriter(os.path.join(directory, "tb"))
+            self._tensorboard = SummaryWriter(storage.join(directory, "tb"))
 
     def write(self, step: int, metrics: dict[str, Any], *, split: str) -> None:
         """Writes one record `{"step", "split", "time", <name>: value, ...}` (values as floats).
@@ -59,8 +65,13 @@ class MetricsWriter:
             return
         scalars = {name: float(np.asarray(value)) for name, value in metrics.items()}
         record = {"step": int(step), "split": split, "time": time.time(), **scalars}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(record) + "\n"
+        if self._lines is not None:
+            self._lines.append(line)
+            storage.write_text(self._path, "".join(self._lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tensorboard is not None:
             for name, value in scalars.items():
                 self._tensorboard.add_scalar(f"{split}/{name}", value, int(step))
@@ -74,18 +85,16 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
-def _drop_records_after(path: str, step: int) -> None:
+def _drop_records_after(path: str, step: int) -> list[str]:
     """Rewrites the JSONL file at `path` without the records of steps after `step` (and without
-    a last line cut short by a crash)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
+    a last line cut short by a crash); returns the lines kept."""
+    if not storage.exists(path):
+        return []
+    lines = storage.read_text(path).splitlines(keepends=True)
     kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
     if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)  # atomic: a crash here leaves one of the two files
+        storage.write_text(path, "".join(kept))  # atomic: the old file or the new one
+    return kept
 
 
 def _step_of(line: str) -> int | None:

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dpo_jax import storage
 from dpo_jax.run.ref_logps import RefLogpsTable
 
 
@@ -70,8 +71,7 @@ def _source_digest(source: Any) -> str:
     if getattr(source, "fingerprint", None):  # a `datasets` source: its own digest
         return _digest(f"datasets {source.fingerprint}".encode())
     if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as f:
-            return _digest(f.read())
+        return _digest(storage.read_bytes(source))
     records = [source[index] for index in range(len(source))]
     return _digest(json.dumps(records, sort_keys=True, default=str).encode())
 
@@ -99,7 +99,7 @@ def fingerprint(
 def cache_file(cache_dir: str, components: dict[str, str]) -> str:
     """`<cache_dir>/<digest of all components>.safetensors`."""
     name = _digest(json.dumps(components, sort_keys=True).encode())[:32]
-    return os.path.join(cache_dir, f"{name}.safetensors")
+    return storage.join(cache_dir, f"{name}.safetensors")
 
 
 def load(path: str) -> RefLogpsTable | None:
@@ -108,12 +108,12 @@ def load(path: str) -> RefLogpsTable | None:
     Raises:
       ValueError: the file exists but is not a readable cache (names the path).
     """
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
-    from safetensors.numpy import load_file
+    import safetensors.numpy
 
     try:
-        arrays = load_file(path)
+        arrays = safetensors.numpy.load(storage.read_bytes(path))
         return RefLogpsTable.from_arrays(arrays["keys"], arrays["logps"])
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(
@@ -122,38 +122,38 @@ def load(path: str) -> RefLogpsTable | None:
 
 
 def save(path: str, components: dict[str, str], table: RefLogpsTable) -> None:
-    """Writes the table atomically (a temporary file renamed), on process 0 only."""
+    """Writes the table atomically (`dpo_jax.storage.write_bytes`), on process 0 only."""
     if jax.process_index() != 0:
         return
-    from safetensors.numpy import save_file
+    import safetensors.numpy
 
     keys, logps = table.to_arrays()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file(
-        {"keys": keys, "logps": logps},
-        path + ".tmp",
-        metadata={"fingerprint": json.dumps(components, sort_keys=True)},
-    )
-    os.replace(path + ".tmp", path)
+    metadata = {"fingerprint": json.dumps(components, sort_keys=True)}
+    data = safetensors.numpy.save({"keys": keys, "logps": logps}, metadata=metadata)
+    storage.write_bytes(path, data)
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (8-byte little-endian length, then the
+    header's JSON), read without the tensors: safetensors' own reader wants a local file."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length])["__metadata__"]
 
 
 def what_changed(cache_dir: str, components: dict[str, str]) -> str:
     """Names the components that differ from the newest cache file in `cache_dir`."""
-    from safetensors import safe_open
-
-    if not os.path.isdir(cache_dir):
+    if not storage.is_dir(cache_dir):
         return "no cache yet"
     files = [
-        os.path.join(cache_dir, name)
-        for name in os.listdir(cache_dir)
+        storage.join(cache_dir, name)
+        for name in storage.list_dir(cache_dir)
         if name.endswith(".safetensors")
     ]
     if not files:
         return "no cache yet"
-    newest = max(files, key=os.path.getmtime)
+    newest = max(files, key=storage.modified_time)
     try:
-        with safe_open(newest, framework="numpy") as f:
-            cached = json.loads(f.metadata()["fingerprint"])
+        cached = json.loads(_header_metadata(storage.read_bytes(newest))["fingerprint"])
     except Exception:  # noqa: BLE001 - an unreadable neighbour only loses the explanation
         return f"the newest cache ({newest}) is unreadable"
     changed = sorted(

@@ -11,12 +11,13 @@ case it is reported and the run goes on from the checkpoint.
 """
 
 import json
-import os
 import sys
 from typing import Any
 
 import jax
 import ml_collections
+
+from dpo_jax import storage
 
 FILE_NAME = "run_config.json"
 # Prefixes of dotted field names that may differ between runs of one workdir.
@@ -69,18 +70,14 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         other non-free field without `config.checkpoint.allow_changed_config`; the message
         names each field with its saved and current values.
     """
-    path = os.path.join(workdir, FILE_NAME)
+    path = storage.join(workdir, FILE_NAME)
     current = flatten(config)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(current, f, indent=1, sort_keys=True)
-            os.replace(path + ".tmp", path)
+            storage.write_text(path, json.dumps(current, indent=1, sort_keys=True))
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(storage.read_text(path))
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read the workdir's saved config ({error})") from None
     changed = changed_fields(saved, current)

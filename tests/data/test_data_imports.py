@@ -26,10 +26,12 @@ def test_pipeline_imports_no_model_training_or_tfds():
         "dpo_jax.data",
         "dpo_jax.data.batching",
         "dpo_jax.data.boundary",
+        "dpo_jax.data.hf_datasets",
         "dpo_jax.data.pipeline",
         "dpo_jax.data.records",
         "dpo_jax.data.synthetic",
         "dpo_jax.data.tokenize",
         "dpo_jax.data.truncation",
+        "dpo_jax.storage",
         "dpo_jax.tokenizer",
     ]
