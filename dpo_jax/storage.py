@@ -15,8 +15,10 @@ GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false so that gcsfs does not probe a gRPC endp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -33,7 +35,8 @@ def join(path: str | os.PathLike, *parts: str) -> str:
 
 
 def exists(path: str | os.PathLike) -> bool:
-    return epath.Path(path).exists()
+    with naming(path, "lookup"):
+        return epath.Path(path).exists()
 
 
 def is_dir(path: str | os.PathLike) -> bool:
@@ -56,19 +59,49 @@ def modified_time(path: str | os.PathLike) -> float:
     return epath.Path(path).stat().mtime
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike, action: str) -> Iterator[None]:
+    """Re-raises a storage library's error on `path` as one naming the URL and the action:
+    gcsfs names the request ("b/bucket/o/name") or the endpoint, not the gs:// path. A missing
+    object stays a FileNotFoundError. Nothing of the request's credentials is in the message."""
+    try:
+        yield
+    except FileNotFoundError:
+        if not is_remote(path):
+            raise
+        missing = "no such bucket" if action == "write" else "no such object"
+        raise FileNotFoundError(f"{os.fspath(path)}: {missing} ({action})") from None
+    except (OSError, ValueError, RuntimeError) as error:
+        if not is_remote(path):
+            raise
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise OSError(
+            f"{os.fspath(path)}: {action} failed ({type(error).__name__}: {first})"
+        ) from None
+    except Exception as error:  # aiohttp's connection errors are not OSErrors
+        if not is_remote(path) or "aiohttp" not in type(error).__module__:
+            raise
+        first = str(error).strip().splitlines()[0][:300]
+        raise OSError(
+            f"{os.fspath(path)}: {action} failed, storage unreachable ({first})"
+        ) from None
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
-    return epath.Path(path).read_bytes()
+    with naming(path, "read"):
+        return epath.Path(path).read_bytes()
 
 
 def read_text(path: str | os.PathLike) -> str:
-    return epath.Path(path).read_text()
+    return read_bytes(path).decode("utf-8")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes `data` to `path` atomically (see the module docstring); parents are created."""
     path = os.fspath(path)
     if is_remote(path):
-        epath.Path(path).write_bytes(data)
+        with naming(path, "write"):
+            epath.Path(path).write_bytes(data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -108,4 +141,5 @@ def _copy_tree(source: epath.Path, target: epath.Path) -> None:
 
 def open_file(path: str | os.PathLike, mode: str = "rb") -> Any:
     """`open` for local paths and URLs (reading, or writing a new file)."""
-    return epath.Path(path).open(mode)
+    with naming(path, "open"):
+        return epath.Path(path).open(mode)

@@ -94,7 +94,8 @@ def test_a_malformed_config_json_names_its_path(tmp_path, hf_dir):
 
 
 def test_a_full_disk_is_one_clear_message(tmp_path, hf_dir):
-    os.symlink("/dev/full", tmp_path / "config.json")  # writing it fails with ENOSPC
+    # config.json is written beside its place, then renamed over it: writing that fails here
+    os.symlink("/dev/full", tmp_path / "config.json.tmp")
     config, params = load_hf(str(hf_dir))
     with pytest.raises(OSError) as caught:
         save_hf(str(tmp_path), config, jax.device_get(params))

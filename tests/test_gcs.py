@@ -151,6 +151,7 @@ def test_the_main_job_on_gs_equals_the_local_run_and_its_export_loads(
     _assert_same_losses(records, local_records)
     bucket_path = workdir[len("gs://") :]
     assert fs.exists(f"{bucket_path}/run_config.json")
+    assert fs.ls(f"{bucket_path}/dpo/tb")  # TensorBoard events, through tensorboardX's gs://
     names = [p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket_path}/dpo/checkpoints")]
     local_names = os.listdir(local_workdir / "dpo" / "checkpoints")
     assert sorted(n for n in names if n.isdigit()) == sorted(n for n in local_names if n.isdigit())
@@ -224,3 +225,89 @@ def test_the_reference_cache_hits_on_gs(gcs):
     first_records = _gs_records(fs, f"gs://{BUCKET}/runs/cache_1")
     _assert_same_losses(_gs_records(fs, f"gs://{BUCKET}/runs/cache_2"), first_records)
     assert np.isfinite([r["loss"] for r in first_records]).all()
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_gs_workdir_equal_one_process(gcs, tmp_path):
+    """Two processes (gloo, 4 CPU devices each) on a gs:// workdir and gs:// data give the
+    losses of one process with 8 devices on local disk, and write one export to the bucket."""
+    env, fs, data = gcs
+    one_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    _train(one_env, tmp_path / "one", data)
+    expected = _records((tmp_path / "one" / "dpo" / "metrics.jsonl").read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    two_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    workdir = f"gs://{BUCKET}/runs/two_processes"
+    processes = [
+        subprocess.Popen(
+            _command(
+                workdir,
+                f"gs://{BUCKET}/data",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={process_id}",
+                "--distributed_timeout=120",
+            ),
+            cwd=ROOT,
+            env=two_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for process_id in range(2)
+    ]
+    for process in processes:
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, output[-3000:]
+    got = _gs_records(fs, workdir)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        for name in ("loss", "rewards/margins", "grad_norm"):
+            np.testing.assert_allclose(a[name], b[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    assert fs.exists(f"{BUCKET}/runs/two_processes/hf/model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config.data.source=gs://{bucket}/no_such.jsonl"],
+         "gs://{bucket}/no_such.jsonl: no such object"),
+        (["--workdir=gs://no-such-bucket-here/run"],
+         "gs://no-such-bucket-here/run/run_config.json: no such bucket"),
+    ],
+    ids=["missing_object", "missing_bucket"],
+)  # fmt: skip
+def test_a_missing_object_or_bucket_is_one_line_naming_it(gcs, tmp_path, flags, message):
+    env, _, _ = gcs
+    flags = [flag.format(bucket=BUCKET) for flag in flags]
+    command = [*TINY, f"--workdir={tmp_path / 'w'}", *flags]
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert process.returncode != 0
+    lines = [line for line in process.stderr.splitlines() if "google_auth_provider" not in line]
+    assert lines[0] == f"error: FileNotFoundError: {message.format(bucket=BUCKET)} " + (
+        "(open)" if "no_such" in message else "(write)"
+    ), lines
+    assert not any("Bearer" in line or "Authorization" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_an_unreachable_endpoint_is_one_line(gcs, tmp_path):
+    """gcsfs retries a refused connection for about 30 s, then the run stops in one line."""
+    env, _, _ = gcs
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {**env, "STORAGE_EMULATOR_HOST": closed, "TENSORSTORE_GCS_HTTP_URL": closed}
+    command = [*TINY, f"--workdir=gs://{BUCKET}/unreachable"]
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert process.returncode != 0
+    lines = [line for line in process.stderr.splitlines() if "google_auth_provider" not in line]
+    assert lines[0].startswith(
+        f"error: OSError: gs://{BUCKET}/unreachable/run_config.json: lookup failed ("
+    ), lines
+    assert (
+        "Cannot connect to host 127.0.0.1" in lines[0] and len(lines) == 2
+    )  # + the --verbose hint

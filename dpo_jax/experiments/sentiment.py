@@ -355,6 +355,7 @@ def write_results(result: SentimentResult, out_dir: str) -> None:
     _write_csv(os.path.join(out_dir, "sentiment.csv"), CSV_FIELDS, result.rows)
     counts = result.pair_counts
     with open(os.path.join(out_dir, "sentiment_samples.md"), "w") as f:
+        f.write("# The sentiment run: every shown sample\n\n")
         f.write(
             f"{counts['pairs']} pairs from {counts['openings']} openings ({counts['same_text']} "
             f"left out with the same text, {counts['same_score']} with the same score).\n\n"

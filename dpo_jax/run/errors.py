@@ -75,9 +75,10 @@ _held: list | None = []
 
 def hold_background_reports() -> None:
     """Holds, until the process exits, the failure reports that libraries print outside the main
-    thread: orbax's ERROR logs and asyncio's (a failed write's future that no one awaited once
-    another failed), exceptions Python can only report as unraisable (tensorstore's callbacks
-    into a closed event loop, a failing atexit callback) and threads that die.
+    thread: orbax's, gcsfs's and asyncio's ERROR logs (a failed write's future that no one
+    awaited once another failed), exceptions Python can only report as unraisable
+    (tensorstore's callbacks into a closed event loop, a failing atexit callback) and threads
+    that die.
 
     A full disk makes each of these repeat, with its traceback, the error that the main thread
     then raises. If the run ends in a one-line error (`report`), they are dropped; otherwise they
@@ -87,7 +88,9 @@ def hold_background_reports() -> None:
     class HoldLibraryErrors(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-            if record.levelno < logging.ERROR or not (from_orbax or record.name == "asyncio"):
+            # gcsfs logs each request it gives up on, with its traceback, before raising it
+            from_library = from_orbax or record.name in ("asyncio", "gcsfs")
+            if record.levelno < logging.ERROR or not from_library:
                 return True
             _hold(lambda: logging.getLogger(record.name).handle(record))
             return False
