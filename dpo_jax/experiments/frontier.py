@@ -17,18 +17,16 @@ The paper's IMDb setup, with each part replaced by one this CPU can run in minut
 - the curve no policy can beat, π_ref·exp(r/τ)/Z, estimated from π_ref's draws, and each
   method's reward at matched KL, differenced prompt by prompt (`frontier_analysis`).
 
-Every model is trained by `dpo_jax.run.train.train_and_evaluate`, the main job's entry point.
+Every model is trained by `dpo_jax.run.train.train_and_evaluate`, the main job's entry point
+(`dpo_jax.experiments.runs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import shutil
-from typing import Any
 
 import jax
 import ml_collections
@@ -42,10 +40,15 @@ from dpo_jax.experiments.frontier_analysis import (
     best_of_n,
     compare,
     kl_optimal_curve,
-    stderr,
+    policy_row,
 )
-from dpo_jax.models import load_hf
-from dpo_jax.run.train import train_and_evaluate
+from dpo_jax.experiments.runs import (
+    derived_config,
+    quiet_config,
+    train_and_load,
+    write_csv,
+    write_jsonl,
+)
 
 CSV_FIELDS = ("method", "setting", "reward", "reward_stderr", "kl", "kl_stderr", "kl_bound")
 # τ of the KL-optimal curve, from near π_ref (KL ≈ 0) to near the best draw (KL ≈ log draws)
@@ -102,39 +105,6 @@ class FrontierSettings:
     sweep_ppo_beta: float = 0.5  # the PPO (RM) run of the sweep (in ppo_kl_coefs; near DPO's KL)
     sweep_best_of: int = 16
     sweep_temperatures: tuple[float, ...] = temperature_sweep.TEMPERATURES
-
-
-def _run_config(base: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
-    """A copy of `base` with dotted fields set, e.g. {"dpo.beta": 0.1}."""
-    config = base.copy_and_resolve_references()
-    for dotted, value in fields.items():
-        *groups, key = dotted.split(".")
-        node = config
-        for group in groups:
-            node = node[group]
-        node[key] = value
-    return config
-
-
-def _quiet(base: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-    return _run_config(
-        base,
-        **{
-            "log.progress_bar": False,
-            "log.tensorboard": False,
-            "log.eval_every_steps": 0,
-            "checkpoint.every_steps": 10_000,
-            "checkpoint.export_hf": True,
-            "seed": seed,
-        },
-    )
-
-
-def _train(config: ml_collections.ConfigDict, workdir: str):
-    """train_and_evaluate in a fresh workdir; returns (model_config, params) of its export."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    train_and_evaluate(config, workdir)
-    return load_hf(os.path.join(workdir, "hf"))
 
 
 def make_pairs(model_config, ref_params, tokenizer, prompts, settings, rng) -> list[dict]:
@@ -203,14 +173,7 @@ def score_policy(model_config, params, *, ref_params, tokenizer, prompts, reward
         batch_size=512,
         pad_id=tokenizer.pad_id,
     )
-    return {
-        "reward": float(rewards.mean()),
-        "reward_stderr": stderr(rewards),
-        "kl": kl.mean,
-        "kl_stderr": kl.stderr,
-        "prompt_rewards": rewards,
-        "prompt_kls": np.asarray(kl.log_ratios, np.float64),
-    }
+    return policy_row(rewards, kl)
 
 
 def reference_rewards(model_config, ref_params, tokenizer, prompts, draws, reward, rng):
@@ -274,11 +237,6 @@ def _tuning_runs(settings: FrontierSettings, reference_dir: str, pairs_path: str
     return [*runs, ("Preferred-FT", "", preferred_ft)]
 
 
-def _write_pairs(pairs: list[dict], path: str) -> None:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(pair) + "\n" for pair in pairs)
-
-
 @dataclasses.dataclass(frozen=True)
 class FrontierResult:
     """What `run_frontier` measured.
@@ -337,13 +295,15 @@ def run_frontier(
       ValueError: reference_draws < max(best_of).
     """
     check_settings(settings)
-    base = _quiet(base_config, settings.seed)
+    base = quiet_config(base_config, settings.seed)
     tokenizer = synthetic.make_tokenizer()
     reward = evaluation.reward_fn(settings.reward)
     rng = jax.random.key(settings.seed)
     reference_dir = os.path.join(out_dir, "runs", "reference")
-    reference_run = _run_config(base, **{"sft.num_steps": settings.sft_steps, "dpo.num_steps": 0})
-    model_config, ref_params = _train(reference_run, reference_dir)
+    reference_run = derived_config(
+        base, **{"sft.num_steps": settings.sft_steps, "dpo.num_steps": 0}
+    )
+    model_config, ref_params = train_and_load(reference_run, reference_dir)
     pairs_path = _make_pairs_file(model_config, ref_params, tokenizer, settings, out_dir, rng)
     eval_records = synthetic.make_records(settings.num_eval_prompts, settings.seed, split="eval")
     eval_prompts = [r["prompt"] for r in eval_records]
@@ -358,7 +318,7 @@ def run_frontier(
     )
     rows = [{"method": "SFT reference", "setting": "", **score(ref_params)}]
     hf_reference = os.path.join(reference_dir, "hf")
-    runs = [(*run, _train) for run in _tuning_runs(settings, hf_reference, pairs_path)]
+    runs = [(*run, train_and_load) for run in _tuning_runs(settings, hf_reference, pairs_path)]
     reward_model = {}
     if settings.ppo_kl_coefs or settings.ppo_gt_kl_coefs:
         reward_model = _reward_model(base, settings, hf_reference, pairs_path, out_dir)
@@ -401,7 +361,7 @@ def _run_and_score(base, runs, score, rows: list, out_dir: str, sweep_names: dic
     kept = {}
     for method, setting, fields, train_fn in runs:
         name = f"{method}_{setting}".strip("_").replace("=", "")
-        _, params = train_fn(_run_config(base, **fields), os.path.join(out_dir, "runs", name))
+        _, params = train_fn(derived_config(base, **fields), os.path.join(out_dir, "runs", name))
         rows.append({"method": method, "setting": setting, **score(params)})
         print(f"[frontier] {method} {setting}: " + _summary(rows[-1]))
         if (method, setting) in sweep_names:
@@ -417,7 +377,7 @@ def _reward_model(base, settings: FrontierSettings, hf_reference: str, pairs_pat
     fields = frontier_rlhf.reward_model_fields(hf_reference, train_path, held_out_path, settings)
     workdir = os.path.join(out_dir, "runs", "reward_model")
     result = frontier_rlhf.reward_model_run(
-        _run_config(base, **fields), held_out_path, settings, workdir
+        derived_config(base, **fields), held_out_path, settings, workdir
     )
     ceiling = result["ceiling"]
     print(
@@ -444,7 +404,7 @@ def _make_pairs_file(model_config, ref_params, tokenizer, settings, out_dir, rng
         jax.random.fold_in(rng, 1),
     )
     pairs_path = os.path.join(out_dir, "pairs.jsonl")
-    _write_pairs(pairs, pairs_path)
+    write_jsonl(pairs, pairs_path)
     print(f"[frontier] {len(pairs)} labelled pairs from {len(train_records)} prompts")
     return pairs_path
 
@@ -452,19 +412,12 @@ def _make_pairs_file(model_config, ref_params, tokenizer, settings, out_dir, rng
 format_table = frontier_report.format_table  # the tables of a result, for scripts
 
 
-def _write_csv(path: str, fields: tuple[str, ...], rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        f.write(",".join(fields) + "\n")
-        for row in rows:
-            f.write(",".join(str(row.get(field, "")) for field in fields) + "\n")
-
-
 def write_results(result: FrontierResult, out_dir: str) -> None:
     """frontier.csv (the policies, then the KL-optimal curve), frontier_matched.csv, the PNG;
     frontier_reward_model.csv and temperature_sweep.csv / .png when they were measured."""
     os.makedirs(out_dir, exist_ok=True)
-    _write_csv(os.path.join(out_dir, "frontier.csv"), CSV_FIELDS, result.rows + result.optimal)
-    _write_csv(os.path.join(out_dir, "frontier_matched.csv"), COMPARISON_FIELDS, result.comparisons)
+    write_csv(os.path.join(out_dir, "frontier.csv"), CSV_FIELDS, result.rows + result.optimal)
+    write_csv(os.path.join(out_dir, "frontier_matched.csv"), COMPARISON_FIELDS, result.comparisons)
     frontier_report.plot(result, os.path.join(out_dir, "frontier.png"))
     if result.reward_model:
         model, ceiling = result.reward_model, result.reward_model["ceiling"]
@@ -474,8 +427,8 @@ def write_results(result: FrontierResult, out_dir: str) -> None:
             "true_reward_expected_accuracy": ceiling["expected"],
             "held_out_pairs": model["num_pairs"],
         }
-        _write_csv(os.path.join(out_dir, "frontier_reward_model.csv"), tuple(row), [row])
+        write_csv(os.path.join(out_dir, "frontier_reward_model.csv"), tuple(row), [row])
     if result.sweep:
         sweep_csv = os.path.join(out_dir, "temperature_sweep.csv")
-        _write_csv(sweep_csv, temperature_sweep.FIELDS, result.sweep)
+        write_csv(sweep_csv, temperature_sweep.FIELDS, result.sweep)
         temperature_sweep.plot_sweep(result.sweep, os.path.join(out_dir, "temperature_sweep.png"))

@@ -19,6 +19,24 @@ def stderr(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
+def policy_row(rewards: np.ndarray, kl) -> dict:
+    """A sampled policy's row: the mean reward and KL with their standard errors, and the
+    per-prompt values they average ("prompt_rewards", "prompt_kls" [prompts]).
+
+    Args:
+      rewards: [prompts] rewards of one sample per prompt.
+      kl: `dpo_jax.evaluation.KLEstimate` of those samples (mean, stderr, log_ratios).
+    """
+    return {
+        "reward": float(rewards.mean()),
+        "reward_stderr": stderr(rewards),
+        "kl": kl.mean,
+        "kl_stderr": kl.stderr,
+        "prompt_rewards": rewards,
+        "prompt_kls": np.asarray(kl.log_ratios, np.float64),
+    }
+
+
 def best_of_n_kl(draw_rewards: np.ndarray, n: int) -> np.ndarray:
     """Per-prompt KL(best-of-n ‖ π_ref), ties counted, from π_ref's reward frequencies.
 

@@ -20,7 +20,7 @@ import ml_collections
 
 from dpo_jax import evaluation, sampling
 from dpo_jax.data import synthetic
-from dpo_jax.experiments.frontier import _quiet, _run_config, _train
+from dpo_jax.experiments.runs import derived_config, quiet_config, train_and_load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ def run_online_dpo(
       ValueError: see `check_settings` (raised before anything is trained).
     """
     check_settings(settings)
-    base = _quiet(base_config, settings.seed)
+    base = quiet_config(base_config, settings.seed)
     tokenizer = synthetic.make_tokenizer()
     rng = jax.random.key(settings.seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -106,9 +106,9 @@ def run_online_dpo(
     prompts = [
         r["prompt"] for r in synthetic.make_records(settings.num_train_prompts, settings.seed)
     ]
-    sft_run = _run_config(base, **{"sft.num_steps": settings.sft_steps, "dpo.num_steps": 0})
+    sft_run = derived_config(base, **{"sft.num_steps": settings.sft_steps, "dpo.num_steps": 0})
     policy_dir = os.path.join(out_dir, "round_0")
-    model_config, sft_params = _train(sft_run, policy_dir)
+    model_config, sft_params = train_and_load(sft_run, policy_dir)
     params, result = sft_params, {}
     for round_index in range(1, settings.rounds + 1):
         pairs = label_pairs(
@@ -131,7 +131,7 @@ def run_online_dpo(
             "dpo.beta": settings.beta,
         }
         policy_dir = os.path.join(out_dir, f"round_{round_index}")
-        _, params = _train(_run_config(base, **fields), policy_dir)
+        _, params = train_and_load(derived_config(base, **fields), policy_dir)
     for name, model_params in (("sft", sft_params), ("online_dpo", params)):
         result[f"exact_match/{name}"] = evaluation.exact_match_rate(
             model_config, model_params, tokenizer, eval_records

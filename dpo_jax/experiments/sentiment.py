@@ -37,9 +37,15 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import evaluation, sampling
-from dpo_jax.experiments.frontier import _quiet, _run_config, _train, _write_csv, _write_pairs
-from dpo_jax.experiments.frontier_analysis import best_of_n, stderr
+from dpo_jax.experiments.frontier_analysis import best_of_n, policy_row, stderr
 from dpo_jax.experiments.review_openings import make_openings
+from dpo_jax.experiments.runs import (
+    derived_config,
+    quiet_config,
+    train_and_load,
+    write_csv,
+    write_jsonl,
+)
 
 CSV_FIELDS = (
     "method", "setting", "reward", "reward_stderr", "kl", "kl_stderr", "kl_bound",
@@ -169,15 +175,7 @@ def score_policy(model: _Model, params, prompt_ids, reward, rng) -> tuple[dict, 
         batch_size=32,
         pad_id=model.tokenizer.pad_id,
     )
-    row = {
-        "reward": float(rewards.mean()),
-        "reward_stderr": stderr(rewards),
-        "kl": kl.mean,
-        "kl_stderr": kl.stderr,
-        "prompt_rewards": rewards,
-        "prompt_kls": np.asarray(kl.log_ratios, np.float64),
-    }
-    return row, texts
+    return policy_row(rewards, kl), texts
 
 
 def _tuning_runs(settings: SentimentSettings, num_pairs: int, pairs_path: str):
@@ -250,7 +248,9 @@ def run_sentiment(
       ValueError: see `check_settings`.
     """
     check_settings(settings, base_config)
-    base = _run_config(_quiet(base_config, settings.seed), **_run_fields(model_path, settings))
+    base = derived_config(
+        quiet_config(base_config, settings.seed), **_run_fields(model_path, settings)
+    )
     model = load_reference(model_path, settings.max_new_tokens)
     reward = vader_reward()
     rng = jax.random.key(settings.seed)
@@ -261,7 +261,7 @@ def run_sentiment(
     pairs, counts = make_pairs(model, train_openings, reward, settings, jax.random.fold_in(rng, 1))
     os.makedirs(out_dir, exist_ok=True)
     pairs_path = os.path.join(out_dir, "pairs.jsonl")
-    _write_pairs(pairs, pairs_path)
+    write_jsonl(pairs, pairs_path)
     print(f"[sentiment] {counts['pairs']} labelled pairs from {counts['openings']} openings "
           f"({counts['same_text']} with the same text, {counts['same_score']} with the same "
           "score left out)")  # fmt: skip
@@ -272,7 +272,9 @@ def run_sentiment(
     shown = {"reference": ref_texts}
     for method, setting, fields in _tuning_runs(settings, len(pairs), pairs_path):
         name = f"{method.split()[0]}_{setting}".strip("_").replace("=", "")
-        _, params = _train(_run_config(base, **fields), os.path.join(out_dir, "runs", name))
+        _, params = train_and_load(
+            derived_config(base, **fields), os.path.join(out_dir, "runs", name)
+        )
         row, texts = score_policy(model, params, prompt_ids, reward, score_rng)
         rows.append({"method": method, "setting": setting, **row})
         shown[f"{method} {setting}".strip()] = texts
@@ -352,7 +354,7 @@ def format_table(result: SentimentResult) -> str:
 def write_results(result: SentimentResult, out_dir: str) -> None:
     """sentiment.csv (the rows) and sentiment_samples.md (the pair counts and the samples)."""
     os.makedirs(out_dir, exist_ok=True)
-    _write_csv(os.path.join(out_dir, "sentiment.csv"), CSV_FIELDS, result.rows)
+    write_csv(os.path.join(out_dir, "sentiment.csv"), CSV_FIELDS, result.rows)
     counts = result.pair_counts
     with open(os.path.join(out_dir, "sentiment_samples.md"), "w") as f:
         f.write("# The sentiment run: every shown sample\n\n")
