@@ -311,3 +311,42 @@ def test_an_unreachable_endpoint_is_one_line(gcs, tmp_path):
     assert (
         "Cannot connect to host 127.0.0.1" in lines[0] and len(lines) == 2
     )  # + the --verbose hint
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_gs_writes_the_peft_export_and_a_stop_signal_saves_there(gcs, tmp_path):
+    """LoRA's adapters-alone export lands in the bucket in PEFT's format, and SIGTERM saves the
+    step boundary into the bucket (the preemption save), from which the rerun finishes."""
+    env, fs, _ = gcs
+    workdir = f"gs://{BUCKET}/runs/lora"
+    flags = [
+        "--config.lora.rank=4",
+        "--config.dpo.num_steps=40",
+        "--config.checkpoint.every_steps=1000",
+    ]
+    process = subprocess.Popen(
+        _command(workdir, f"gs://{BUCKET}/data", *flags), cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = f"{BUCKET}/runs/lora/dpo/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while True:
+        fs.invalidate_cache()
+        if fs.exists(metrics) and len(fs.cat(metrics).splitlines()) >= 3:
+            break
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = int(stderr.split("saved step ")[1].split()[0])
+    fs.invalidate_cache()
+    assert fs.exists(f"{BUCKET}/runs/lora/dpo/checkpoints/{saved}")
+    _train(env, workdir, f"gs://{BUCKET}/data", *flags)
+    assert [r["step"] for r in _gs_records(fs, workdir)] == list(range(1, 41))
+    config = json.loads(fs.cat(f"{BUCKET}/runs/lora/peft/adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    import safetensors.numpy
+
+    adapters = safetensors.numpy.load(fs.cat(f"{BUCKET}/runs/lora/peft/adapter_model.safetensors"))
+    assert adapters and all(np.isfinite(a).all() for a in adapters.values())
