@@ -438,7 +438,8 @@ def eval_fn(
     a moving reference is evaluated at its current params, as the step reads it. bco_pair is
     evaluated with its running mean at 0 (the eval carries no state).
     """
-    bco_state = (jnp.zeros((), jnp.float32),) * 2 if options.uses_bco else None
+    start = initial_running(options)  # the step-0 running mean and count, as training starts
+    bco_state = tuple(jnp.asarray(v, jnp.float32) for v in start.values()) if start else None
     _, metrics = loss_and_metrics(
         params,
         reference_lib.bind(reference, reference_params),

@@ -108,7 +108,10 @@ def test_a_tiny_sentiment_run_end_to_end(tmp_path):
     ]  # fmt: skip
     reference, dpo = rows["reference", ""], rows["DPO (LoRA)", "beta=0.1"]
     assert reference["kl"] == 0.0 and np.all(reference["prompt_kls"] == 0.0)
-    assert rows["best-of-N", "N=1"]["kl"] == pytest.approx(0.0, abs=1e-12)
+    best_of_4 = rows["best-of-N", "N=4"]
+    assert best_of_4["kl_bound"] == pytest.approx(np.log(4) - 3 / 4)
+    assert 0.0 < best_of_4["kl"] <= best_of_4["kl_bound"]  # ties only lower it
+    assert best_of_4["reward"] >= rows["best-of-N", "N=1"]["reward"]
     for row in result.rows:
         assert np.all(np.abs(row["prompt_rewards"]) <= 1.0)
     counts = result.pair_counts

@@ -139,8 +139,9 @@ def _from_hub(name: str, split: str):
     splits = list(builder.info.splits or {})
     if splits and split not in splits:
         raise ValueError(f"{HUB_PREFIX}{name}: no split {split!r}; its splits: {splits}")
-    try:
-        return datasets.load_dataset(name, split=split)
+    try:  # what load_dataset does, on the builder already resolved (no second lookup)
+        builder.download_and_prepare()
+        return builder.as_dataset(split=split)
     except Exception as error:  # noqa: BLE001 - as above
         raise ValueError(
             f"{HUB_PREFIX}{name}[{split}]: cannot be read ({_first_line(error)})"

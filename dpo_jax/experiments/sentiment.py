@@ -80,7 +80,8 @@ class SentimentResult:
     Attributes:
       rows: one per policy: CSV_FIELDS (kl_bound for best-of-N only), and the per-opening
         "prompt_rewards" and "prompt_kls" [eval openings] they average.
-      pair_counts: {"openings", "pairs", "same_text", "same_score"}: how the pairs were made.
+      pair_counts: {"openings", "pairs", "same_text", "same_score"}: how the pairs were made
+        ("same_text" also counts a pair with an empty continuation: no text to prefer).
       samples: per shown opening {"opening", <policy name>: (continuation, score), ...}.
     """
 
@@ -263,8 +264,8 @@ def run_sentiment(
     pairs_path = os.path.join(out_dir, "pairs.jsonl")
     write_jsonl(pairs, pairs_path)
     print(f"[sentiment] {counts['pairs']} labelled pairs from {counts['openings']} openings "
-          f"({counts['same_text']} with the same text, {counts['same_score']} with the same "
-          "score left out)")  # fmt: skip
+          f"({counts['same_text']} with the same or an empty text, {counts['same_score']} with "
+          "the same score left out)")  # fmt: skip
     prompt_ids = [sampling.encode_prompt(model.tokenizer, o) for o in eval_openings]
     score_rng = jax.random.fold_in(rng, 2)
     row, ref_texts = score_policy(model, model.ref_params, prompt_ids, reward, score_rng)
@@ -360,6 +361,7 @@ def write_results(result: SentimentResult, out_dir: str) -> None:
         f.write("# The sentiment run: every shown sample\n\n")
         f.write(
             f"{counts['pairs']} pairs from {counts['openings']} openings ({counts['same_text']} "
-            f"left out with the same text, {counts['same_score']} with the same score).\n\n"
+            f"left out with the same or an empty text, {counts['same_score']} with the same "
+            "score).\n\n"
         )
         f.write(format_table(result) + "\n\n" + format_samples(result.samples) + "\n")

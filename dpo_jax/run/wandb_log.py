@@ -77,7 +77,9 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> WandbLog:
     import wandb
 
     id_path = storage.join(workdir, RUN_ID_FILE)
-    run_id = storage.read_text(id_path).strip() or None if storage.exists(id_path) else None
+    run_id = None  # a new run, unless this workdir already made one
+    if storage.exists(id_path):
+        run_id = storage.read_text(id_path).strip() or None
     storage.make_dirs(workdir)
     run = wandb.init(
         project=config.log.wandb_project,
