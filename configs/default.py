@@ -79,9 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.source = "synthetic"  # "synthetic", or a .jsonl / .parquet path of records
     config.data.eval_source = ""  # held-out records path; "" = synthetic eval split / none
     # A Hugging Face dataset as source or eval_source: "hf://<name>" (a Hub id, or anything
-    # datasets.load_dataset takes) or a save_to_disk directory; docs/data.md.
-    config.data.split = "train"  # split of an HF dataset source (hf://, save_to_disk dir)
-    config.data.eval_split = "test"  # split of an HF dataset eval_source
+    # datasets.load_dataset takes) or a save_to_disk directory; or a prepared TFDS version
+    # directory (dataset_info.json beside array_record shards, local or gs://); docs/data.md.
+    config.data.split = "train"  # split of an HF or TFDS dataset source
+    config.data.eval_split = "test"  # split of an HF or TFDS dataset eval_source
     # Dataset columns read as our fields, "prompt=question,chosen=good,rejected=bad"; "" = none
     config.data.columns = ""  # field=column pairs for HF dataset sources
     config.data.tokenizer = "synthetic"  # "synthetic" (word level), "model" (of hf_path), a dir

@@ -54,6 +54,12 @@ def list_dir(path: str | os.PathLike) -> list[str]:
     return sorted(child.name for child in epath.Path(path).iterdir())
 
 
+def size(path: str | os.PathLike) -> int:
+    """The size of a file or object in bytes."""
+    with naming(path, "lookup"):
+        return epath.Path(path).stat().length
+
+
 def modified_time(path: str | os.PathLike) -> float:
     """The last modification time of a file or object, seconds since the epoch."""
     return epath.Path(path).stat().mtime

@@ -350,3 +350,55 @@ def test_a_lora_run_on_gs_writes_the_peft_export_and_a_stop_signal_saves_there(g
 
     adapters = safetensors.numpy.load(fs.cat(f"{BUCKET}/runs/lora/peft/adapter_model.safetensors"))
     assert adapters and all(np.isfinite(a).all() for a in adapters.values())
+
+
+_PREPARE_TFDS = """
+import sys
+from dpo_jax.data.tfds_source import PreferenceRecords
+data, out = sys.argv[1], sys.argv[2]
+splits = {split: f"{data}/{split}.jsonl" for split in ("train", "eval")}
+PreferenceRecords(data_dir=out, splits=splits).download_and_prepare()
+"""
+
+
+@pytest.mark.slow
+def test_a_tfds_directory_in_the_bucket_trains_as_the_local_one(gcs, tmp_path):
+    """array_record shards in the bucket are staged to local disk (their reader opens local files
+    only) and train bit for bit as the same directory read locally; a split the dataset lacks is
+    one line naming the URL and the splits there."""
+    env, fs, data = gcs
+    prepare = [sys.executable, "-c", _PREPARE_TFDS, str(data), str(tmp_path / "tfds")]
+    subprocess.run(prepare, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    local = tmp_path / "tfds" / "preference_records" / "1.0.0"
+    fs.put(str(local), f"{BUCKET}/tfds/", recursive=True)
+    url = f"gs://{BUCKET}/tfds/1.0.0"
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(url)) == sorted(os.listdir(local))
+    env = {**env, "TMPDIR": str(tmp_path / "tmp")}  # where the shards are staged
+    os.makedirs(env["TMPDIR"])
+
+    def run(source, workdir, *flags):
+        command = [
+            *TINY, f"--workdir={workdir}", "--config.dpo.num_steps=4",
+            f"--config.data.source={source}", f"--config.data.eval_source={source}",
+            "--config.data.split=train", "--config.data.eval_split=eval", *flags,
+        ]  # fmt: skip
+        return subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    from_local = run(local, tmp_path / "local")
+    assert from_local.returncode == 0, from_local.stderr[-3000:]
+    from_bucket = run(url, f"gs://{BUCKET}/runs/tfds")
+    assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
+    want = _records((tmp_path / "local" / "dpo" / "metrics.jsonl").read_text())
+    got = _gs_records(fs, f"gs://{BUCKET}/runs/tfds")
+    assert len(got) == 4
+    _assert_same_losses(got, want)
+    [staged] = os.listdir(tmp_path / "tmp" / "dpo_jax_tfds")
+    assert sorted(os.listdir(tmp_path / "tmp" / "dpo_jax_tfds" / staged)) == sorted(
+        os.listdir(local)
+    )
+    bad = run(url, tmp_path / "bad", "--config.data.split=validation")
+    assert bad.returncode != 0
+    lines = [line for line in bad.stderr.splitlines() if "google_auth_provider" not in line]
+    assert lines[0] == f"error: {url}: no split 'validation' (splits: ['eval', 'train'])"

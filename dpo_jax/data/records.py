@@ -159,6 +159,20 @@ def from_sequence(records: Sequence[Mapping[str, Any]], name: str = "records") -
     return raw
 
 
+def is_tfds_directory(path: Any) -> bool:
+    """Whether `path` (local or a URL) is a prepared TFDS version directory: it holds
+    dataset_info.json and features.json (`dpo_jax.data.tfds_source`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    path = os.fspath(path)
+    if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(hf_datasets.HUB_PREFIX):
+        return False
+    if not storage.is_remote(path) and not os.path.isdir(path):
+        return False
+    markers = ("dataset_info.json", "features.json")
+    return all(storage.exists(storage.join(path, name)) for name in markers)
+
+
 def load_records(source: Any) -> list[RawRecord]:
     """Reads records from a `.jsonl`/`.json` or `.parquet` path, a sequence of dicts, or a
     Hugging Face `datasets` source (`dpo_jax.data.hf_datasets`: hf://<name>, a `save_to_disk`
@@ -167,7 +181,8 @@ def load_records(source: Any) -> list[RawRecord]:
     A `.json` file may hold one object per line (as `.jsonl`) or one array of objects.
 
     A TFDS dataset is read through `dpo_jax.data.tfds_source.PreferenceDataSource`, which is
-    such a sequence.
+    such a sequence; a prepared TFDS version directory (local or a URL) given as a path is read
+    at split "train" through it.
 
     Raises:
       ValueError: there are no records, or the path's suffix is not known.
@@ -175,6 +190,10 @@ def load_records(source: Any) -> list[RawRecord]:
     """
     if hf_datasets.is_dataset_object(source) or hf_datasets.is_hf_path(source):
         source = hf_datasets.open_source(source, split="train")
+    if is_tfds_directory(source):
+        from dpo_jax.data import tfds_source  # imports tensorflow_datasets: only when used
+
+        source = tfds_source.PreferenceDataSource.from_directory(source, "train")
     if isinstance(source, hf_datasets.DatasetRecords):
         raw = from_sequence(source, name=source.name)
         name = source.name
@@ -187,11 +206,15 @@ def load_records(source: Any) -> list[RawRecord]:
         elif path.endswith(".parquet"):
             raw = read_parquet(path)
         else:
-            raise ValueError(f"{path}: unknown file type (expected .jsonl, .json or .parquet)")
+            raise ValueError(
+                f"{path}: unknown file type (expected .jsonl, .json, .parquet, a TFDS "
+                "directory with dataset_info.json, or a save_to_disk directory)"
+            )
         name = path
     elif isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
-        raw = from_sequence(source)
-        name = "the given records"
+        name = getattr(source, "name", None)  # a tfds_source.PreferenceDataSource names itself
+        raw = from_sequence(source, **({"name": name} if name else {}))
+        name = name or "the given records"
     else:
         raise TypeError(
             f"records source must be a path or a sequence of dicts, found {type(source).__name__}"

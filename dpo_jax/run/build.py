@@ -14,7 +14,7 @@ import ml_collections
 from dpo_jax import lora, sharding, storage
 from dpo_jax import reference as reference_lib
 from dpo_jax import step as step_lib
-from dpo_jax.data import coverage, hf_datasets, synthetic
+from dpo_jax.data import coverage, hf_datasets, records, synthetic
 from dpo_jax.data.pipeline import make_eval_batches, make_pair_iterator
 from dpo_jax.run import ref_cache, ref_logps
 from dpo_jax.run.config_checks import lora_targets, loss_names, loss_weights
@@ -43,7 +43,9 @@ def _data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def data_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(train source, eval source or None): synthetic records, the configured paths, or the
     configured Hugging Face datasets opened at data.split / data.eval_split with data.columns
-    (`dpo_jax.data.hf_datasets`; the reference cache then keys on their fingerprints)."""
+    (`dpo_jax.data.hf_datasets`; the reference cache then keys on their fingerprints), or
+    prepared TFDS directories opened at those splits (`dpo_jax.data.tfds_source`, staged locally
+    first when they are URLs)."""
     if config.data.source == "synthetic":
         return (
             synthetic.make_records(config.data.num_train_pairs, seed=config.seed, split="train"),
@@ -57,6 +59,10 @@ def data_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     ):
         if hf_datasets.is_hf_path(source):
             source = hf_datasets.open_source(source, split=split, columns=columns)
+        elif records.is_tfds_directory(source):
+            from dpo_jax.data import tfds_source  # imports tensorflow_datasets: only when used
+
+            source = tfds_source.PreferenceDataSource.from_directory(source, split)
         sources.append(source or None)
     return sources[0], sources[1]
 

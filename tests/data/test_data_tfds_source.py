@@ -43,8 +43,19 @@ SCRIPT = textwrap.dedent(
         max_length=12, num_epochs=1, shuffle=False, process_index=0, process_count=1,
     )
     batch = next(iterator)
+    # The version directory as a path: load_records reads its "train" split; a missing split
+    # names the splits there.
+    from dpo_jax.data.records import load_records
+    by_path = [raw.record for raw in load_records(str(builder.data_dir))]
+    try:
+        PreferenceDataSource(builder, "test")
+    except ValueError as error:
+        missing = str(error)
     print(json.dumps({
         "read": read,
+        "by_path": by_path,
+        "missing": missing,
+        "names": [raw.where for raw in load_records(str(builder.data_dir))[:1]],
         "stats": stats.as_dict(),
         "pairs": int(batch["pair_mask"].sum()),
         "tensorflow": sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"),
@@ -74,4 +85,8 @@ def test_tfds_round_trip_without_tensorflow(tmp_path):
     # TFDS shuffles on write: compare as multisets. Every shape comes back exactly.
     for split in ("train", "eval"):
         assert _canonical(report["read"][split]) == _canonical(RECORDS)
+    assert report["by_path"] == report["read"]["train"]
+    version_dir = f"{tmp_path}/preference_records/1.0.0"
+    assert report["names"] == [f"{version_dir}[train][0]"]
+    assert report["missing"] == f"{version_dir}: no split 'test' (splits: ['eval', 'train'])"
     assert report["stats"]["kept"] == len(RECORDS) and report["pairs"] == len(RECORDS)
