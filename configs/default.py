@@ -191,7 +191,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Comma-separated regexes searched in param paths like "layers/attn/q_kernel"; each must
     # match a linear kernel (q/k/v/o_kernel, gate/up/down_kernel, lm_head).
     config.lora.targets = "attn/[qkvo]_kernel,mlp/(gate|up|down)_kernel"  # every layer's
-    config.lora.dropout = 0.0  # only 0: the adapters are merged into W (see dpo_jax/lora.py)
+    config.lora.dropout = 0.0  # PEFT's lora_dropout on the adapters' input, in training only
+    # The step's form: False = x·W + s·dropout(x)·A·B in each layer (no gradient the size of W);
+    # True = the model run on W + s·A·B (the first release's form; takes no dropout).
+    config.lora.merged = False
 
     # Optimizer (of the DPO stage; the SFT stage shares it but for its rate and warmup)
     config.optimizer = ml_collections.ConfigDict()

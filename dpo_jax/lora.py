@@ -1,22 +1,26 @@
 """Low-rank adapters (LoRA, Hu et al. 2021) as pure functions of params pytrees.
 
 A targeted linear kernel W (any of the model's, stored [*in, *out], with a leading layers axis in
-the scanned stack) gets two small matrices, A [in, r] and B [r, out], and the policy's kernel is
+the scanned stack) gets two small matrices, A [in, r] and B [r, out], and the policy computes
 
-    W' = W + (alpha / r) · A @ B          (reshaped to W's shape)
+    x·W + (alpha / r) · dropout(x)·A·B          (unmerged: `attach`, the step's form)
+    x·(W + (alpha / r) · A·B)                   (merged: `merge`, for export and sampling)
 
 B starts at zero, so at step 0 the policy is the base model exactly; A starts as PEFT's default
 (kaiming-uniform with a = √5: uniform in ±1/√in). Only A and B are trained; W is never written.
 
-Why merged weights rather than `x·W + (x·A)·B` inside each layer: the merge is one function of
-the params pytree, so it works unchanged for every model family, with the scanned layers, with
-sharding rules, with decoding and with export (the merged model is `merge`'s output), and the
-model code knows nothing of adapters. It costs a transient copy of the targeted kernels (W' and
-its gradient, float32) in the step; the base itself is held once. `qwix` (Google's JAX LoRA) was
+The step runs the unmerged form: `attach` puts a `dpo_jax.models.linear.Adapted` kernel (the
+base under stop_gradient, A, B, a dropout key) where each targeted kernel was, and the model's
+linear layers (`linear.project`) add the low-rank path to x·W, so no W + s·A·B and no gradient
+the size of W is formed, and adapter dropout (PEFT's: on the adapter path's input, in training
+only) is possible. The untied unembedding (lm_head) is the exception: the chunked head needs the
+weight whole, so an adapted lm_head is merged there (`linear.dense`). `LoraSpec.merged` selects
+the merged form in the step too (the form of the first release, kept for comparison: it
+differentiates through W + s·A·B and takes no dropout). `qwix` (Google's JAX LoRA) was
 considered: it intercepts a module's einsum and creates the adapter params lazily on the first
 call, which does not reach through our `jax.lax.scan` over stacked layers (each step's block is a
-fresh module merged from a slice), so it would need the model rebuilt around it. Dropout on the
-adapter path needs the unmerged form and is not offered (`check_spec` says so).
+fresh module merged from a slice), so it would need the model rebuilt around it; an adapted
+kernel as a pytree in the params reaches every family and the scan with one function.
 
 Adapters are a nested dict shaped like the params it adapts:
 `{"layers": {"attn": {"q_kernel": {"lora_a": [L, D, r], "lora_b": [L, r, H·Dh]}}}}`.
@@ -31,6 +35,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from dpo_jax.models import linear
 
 # The linear kernels LoRA can adapt, by leaf name, and how many of their leading axes (after
 # the layers axis) are inputs; the rest are outputs. The layout is transformer._LOGICAL_AXES'.
@@ -57,18 +63,24 @@ class LoraSpec:
       alpha: the delta is scaled by alpha / rank (PEFT's `lora_alpha`; not rsLoRA's √r).
       targets: regular expressions searched in each param's path ("layers/attn/q_kernel");
         a linear kernel matching any of them is adapted.
+      dropout: p of PEFT's `lora_dropout`, on the adapter path's input in training (unmerged).
+      merged: run the step on W + s·A·B (no dropout) instead of the unmerged layers.
     """
 
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    dropout: float = 0.0
+    merged: bool = False
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
 
-def check_spec(rank: int, alpha: float, targets: tuple[str, ...], dropout: float = 0.0) -> None:
+def check_spec(
+    rank: int, alpha: float, targets: tuple[str, ...], dropout: float = 0.0, merged: bool = False
+) -> None:
     """Raises ValueError naming the config field of a bad LoRA setting (the targets' regexes
     are compiled by `config_checks`, with `optimizer.trainable`'s)."""
     if not isinstance(rank, int) or rank <= 0:
@@ -77,10 +89,13 @@ def check_spec(rank: int, alpha: float, targets: tuple[str, ...], dropout: float
         raise ValueError(f"config.lora.alpha={alpha!r} must be > 0")
     if not targets:
         raise ValueError("config.lora.targets is empty: name the linear layers to adapt")
-    if dropout:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"config.lora.dropout={dropout!r} must be in [0, 1)")
+    if dropout and merged:
         raise ValueError(
-            f"config.lora.dropout={dropout!r}: only 0 is supported (the adapters are merged into "
-            "the weights, W + s·A·B, so they see the base's input and cannot drop their own)"
+            f"config.lora.dropout={dropout!r} with config.lora.merged=True: the merged form "
+            "multiplies x by W + s·A·B, so the adapters cannot drop their own input; set "
+            "merged=False (the unmerged layers) or dropout=0"
         )
 
 
@@ -90,8 +105,8 @@ def path_name(path: tuple[Any, ...]) -> str:
 
 
 def _linear_paths(params: Any) -> dict[str, Any]:
-    """{path name: leaf} of every linear kernel LoRA can adapt."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
+    """{path name: leaf} of every linear kernel LoRA can adapt (a quantised one as one leaf)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=linear.is_node)
     return {
         path_name(path): leaf
         for path, leaf in leaves
@@ -157,6 +172,63 @@ def delta(adapter: dict[str, jax.Array], shape: tuple[int, ...], scale: float) -
     return (scale * product).reshape(shape)
 
 
+def _adapter_at(adapters: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any] | None:
+    node = adapters
+    for key in path:
+        node = node.get(str(getattr(key, "key", key))) if isinstance(node, dict) else None
+    return node
+
+
+def attach(
+    base: Any, adapters: dict[str, Any], spec: LoraSpec, dropout_rng: jax.Array | None = None
+) -> Any:
+    """The policy's params for the unmerged forward: each adapted kernel of `base` replaced by a
+    `linear.Adapted` kernel (base, A, B, and with `dropout_rng` and spec.dropout > 0 a dropout key
+    per kernel and layer); the rest of `base` as it is.
+
+    Args:
+      base: the base params.
+      adapters: from `init_adapters` (or trained).
+      spec: what was adapted, and the dropout.
+      dropout_rng: this step's key for dropout, or None (evaluation: no dropout).
+    """
+    names = {name: index for index, name in enumerate(target_paths(base, spec))}
+
+    def attached(path, kernel):
+        adapter = _adapter_at(adapters, path)
+        if adapter is None:
+            return kernel
+        name = path_name(path)
+        key = None
+        if dropout_rng is not None and spec.dropout > 0:
+            key = jax.random.fold_in(dropout_rng, names[name])
+            if name.split("/")[0] == LAYERS_KEY:
+                key = jax.random.split(key, kernel.shape[0])  # one per layer of the stack
+        num_in = KERNEL_INPUT_AXES[name.split("/")[-1]]
+        return linear.Adapted(
+            kernel, adapter["lora_a"], adapter["lora_b"], key, spec.scale, spec.dropout, num_in
+        )
+
+    return jax.tree_util.tree_map_with_path(attached, base, is_leaf=linear.is_node)
+
+
+def check_quantized_targets(base: Any, spec: LoraSpec) -> None:
+    """QLoRA adapts the quantised base's kernels: a target that is a float kernel there (kept
+    whole, so trained through W + s·A·B at full size) is refused, naming it.
+
+    Raises:
+      ValueError: a targeted kernel that is not a `linear.Quantized` one.
+    """
+    kernels = _linear_paths(base)
+    for name in target_paths(base, spec):
+        if not isinstance(kernels[name], linear.Quantized):
+            raise ValueError(
+                f"config.lora.targets: {name} is not a quantised kernel of this model (QLoRA, "
+                f"config.model.quantized=True, adapts its quantised kernels: "
+                f"{', '.join(n for n, k in kernels.items() if isinstance(k, linear.Quantized))})"
+            )
+
+
 def merge(base: Any, adapters: dict[str, Any], spec: LoraSpec) -> Any:
     """The policy's params: `base` with W + (alpha / r)·A@B at each adapted kernel.
 
@@ -166,16 +238,16 @@ def merge(base: Any, adapters: dict[str, Any], spec: LoraSpec) -> Any:
     """
 
     def merged(path, kernel):
-        node = adapters
-        for key in path:
-            node = node.get(str(getattr(key, "key", key))) if isinstance(node, dict) else None
+        node = _adapter_at(adapters, path)
         if node is None:
             return kernel
-        return kernel.astype(jnp.float32) + delta(node, kernel.shape, spec.scale)
+        return linear.dense(kernel, jnp.float32) + delta(node, kernel.shape, spec.scale)
 
-    return jax.tree_util.tree_map_with_path(merged, base)
+    return jax.tree_util.tree_map_with_path(merged, base, is_leaf=linear.is_node)
 
 
 def num_params(tree: Any) -> int:
-    """Elements in a pytree of arrays (or ShapeDtypeStructs)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+    """Elements in a pytree of arrays (or ShapeDtypeStructs; a quantised kernel counts the
+    values it holds, not its bytes)."""
+    leaves = jax.tree.leaves(tree, is_leaf=linear.is_node)
+    return sum(math.prod(leaf.shape) for leaf in leaves)

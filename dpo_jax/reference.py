@@ -227,11 +227,24 @@ def trainable_init(reference: Reference, params: Any) -> Any:
 
 def policy_params(reference: Reference, trainable: Any) -> Any:
     """The policy's model params from the state's params: the identity, or LoRA's base with the
-    adapters merged in (differentiable in the adapters only)."""
+    adapters merged in (differentiable in the adapters only), for export, sampling and
+    summaries; the step reads `forward_params`."""
     if isinstance(reference, AdaptersOffReference):
         base = jax.lax.stop_gradient(reference.base)
         return lora.merge(base, trainable, reference.spec)
     return trainable
+
+
+def forward_params(reference: Reference, trainable: Any, dropout_rng: jax.Array | None = None):
+    """The params the step's policy forward reads: the identity, or for LoRA the base with the
+    adapters attached unmerged (`lora.attach`: each targeted kernel computes x·W +
+    s·dropout(x)·A·B; dropout only with `dropout_rng`), or merged when its spec says so."""
+    if not isinstance(reference, AdaptersOffReference):
+        return trainable
+    if reference.spec.merged:
+        return policy_params(reference, trainable)
+    base = jax.lax.stop_gradient(reference.base)
+    return lora.attach(base, trainable, reference.spec, dropout_rng)
 
 
 def trainable_shardings(reference: Reference, param_shardings: Any, replicated: Any) -> Any:

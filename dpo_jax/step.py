@@ -224,6 +224,7 @@ def loss_and_metrics(
     *,
     apply_fn: Callable,
     options: LossOptions,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The preference (or SFT) loss of a batch, and TRL's metrics.
 
@@ -236,6 +237,7 @@ def loss_and_metrics(
       bco_state: (running mean, running count) for bco_pair, else None.
       apply_fn: the model's pure forward.
       options: static loss options.
+      dropout_rng: the key of LoRA's adapter dropout in training, or None (no dropout).
 
     Returns:
       (loss, metrics), metrics as `dpo_jax.losses.dpo_loss_fn` plus `logps/accuracies` (the
@@ -243,7 +245,7 @@ def loss_and_metrics(
     """
     policy = logprob_fn(
         apply_fn,
-        reference_lib.policy_params(reference, params),  # LoRA: base + adapters
+        reference_lib.forward_params(reference, params, dropout_rng),  # LoRA: base + adapters
         batch,
         logits_chunk_size=options.logits_chunk_size,
         final_logit_softcapping=options.final_logit_softcapping,
@@ -298,19 +300,22 @@ def loss_and_metrics(
 
 
 def _grads_and_metrics(
-    params, reference, batch, bco_state, *, apply_fn, options, mesh
+    params, reference, batch, bco_state, rng, *, apply_fn, options, mesh
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradient of the loss wrt the policy params, over `options.num_microbatches` slices."""
+    """Gradient of the loss wrt the policy params, over `options.num_microbatches` slices
+    (micro-batch k's dropout key is `fold_in(rng, k)`)."""
     grad_fn = jax.grad(loss_and_metrics, has_aux=True)
     kwargs = dict(apply_fn=apply_fn, options=options)
     if options.num_microbatches == 1:
-        return grad_fn(params, reference, batch, bco_state, **kwargs)
+        return grad_fn(params, reference, batch, bco_state, dropout_rng=rng, **kwargs)
     micro = _split_microbatches(batch, options.num_microbatches, mesh)
     total_pairs = jnp.maximum(jnp.sum(batch["pair_mask"]), 1)
 
-    def body(carry, micro_batch):
+    def body(carry, indexed):
         grad_sum, bco = carry
-        grads, metrics = grad_fn(params, reference, micro_batch, bco, **kwargs)
+        index, micro_batch = indexed
+        key = jax.random.fold_in(rng, index)
+        grads, metrics = grad_fn(params, reference, micro_batch, bco, dropout_rng=key, **kwargs)
         weight = jnp.sum(micro_batch["pair_mask"]) / total_pairs  # pairs of this slice / all
         grad_sum = jax.tree.map(lambda g, acc: acc + weight * g, grads, grad_sum)
         if bco is not None:
@@ -323,7 +328,8 @@ def _grads_and_metrics(
         return (grad_sum, bco), weighted
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, _), per_micro = jax.lax.scan(body, (zeros, bco_state), micro)
+    indices = jnp.arange(options.num_microbatches)
+    (grads, _), per_micro = jax.lax.scan(body, (zeros, bco_state), (indices, micro))
     metrics = {
         k: v[-1] if k.startswith("bco/") else jnp.sum(v, axis=0) for k, v in per_micro.items()
     }
@@ -366,8 +372,8 @@ def update_fn(
       reference: the stage's reference (`dpo_jax.reference`); never donated. A moving one reads
         its params from `state.reference_params`.
       batch: see `loss_and_metrics`; arrays sharded over the batch axes.
-      rng: the run's base key; this step uses `fold_in(rng, state.step)` (the models here are
-        deterministic, so it is folded but not consumed; dropout would take it from here).
+      rng: the run's base key; this step's is `fold_in(rng, state.step)`, read by LoRA's adapter
+        dropout only (the models are otherwise deterministic).
       apply_fn: static, bound with functools.partial before jit, as are tx, schedule, options
         and mesh.
 
@@ -376,14 +382,15 @@ def update_fn(
       num_tokens and nonfinite (1 when the step's loss, gradient norm or new params were not
       finite: then nothing but `state.step` changed).
     """
-    del rng  # the step's key would be jax.random.fold_in(rng, state.step); nothing samples yet
     bound = reference_lib.bind(reference, state.reference_params)
     bco_state = None
     if options.uses_bco:
         bco_state = (state.running["bco_running_mean"], state.running["bco_running_count"])
+    step_rng = jax.random.fold_in(rng, state.step)
     grads, metrics = _grads_and_metrics(
-        state.params, bound, batch, bco_state, apply_fn=apply_fn, options=options, mesh=mesh
-    )
+        state.params, bound, batch, bco_state, step_rng, apply_fn=apply_fn, options=options,
+        mesh=mesh,
+    )  # fmt: skip
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)

@@ -2,10 +2,12 @@
 and never changes, and both exports (merged, and PEFT's adapters) give transformers' and PEFT's
 own logits for every model family."""
 
+import dataclasses
 import gc
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -15,9 +17,11 @@ from test_train_step import build, run_steps, tiny_config
 
 from dpo_jax import lora
 from dpo_jax import reference as reference_lib
+from dpo_jax import step as step_lib
 from dpo_jax.logprobs import logprob_fn
-from dpo_jax.models import load_hf, save_hf
+from dpo_jax.models import linear, load_hf, save_hf
 from dpo_jax.models.convert_peft import save_peft
+from dpo_jax.models.transformer import make_apply_fn
 from dpo_jax.run import checkpoint, train
 from dpo_jax.run import stage as stage_lib
 
@@ -25,6 +29,9 @@ TOLERANCE = 1e-4  # max abs logit difference, float32 (as tests/test_convert_hf.
 # PEFT adds (x·A)·B to x·W, we multiply x by W + A·B: the same sum rounded another way, which on
 # these logits (std ~3, max ~15) moves them by up to ~1e-4 in float32.
 PEFT_TOLERANCE = 3e-4
+# The unmerged layers add s·(x·A)·B to x·W where the merged ones multiply x by W + s·A·B: the
+# same rounding gap, measured up to 3.4e-5 on these families (qwen2, logits up to ~40).
+UNMERGED_TOLERANCE = 1e-4
 ALL_LINEAR = ("attn/[qkvo]_kernel", "mlp/(gate|up|down)_kernel", "lm_head")
 
 
@@ -41,8 +48,37 @@ def _random_adapters(params, spec, seed):
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _pair_batch(tokens, mask):
+    """The two rows of `_padded_batch` as one pair, responses from token 4 on."""
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    return {
+        "tokens": tokens[None],
+        "response_mask": (mask & (positions >= 4))[None],
+        "positions": positions[None],
+        "segment_ids": mask.astype(np.int32)[None],
+        "pair_mask": np.ones((1, 1), bool),
+    }
+
+
+def _loss_and_grads(config, base, adapters, spec, batch):
+    """The DPO loss and its adapter gradients, with the step's own code (the reference is the
+    base); spec.merged picks the form."""
+    reference = reference_lib.AdaptersOffReference(base, spec=spec)
+    options = step_lib.LossOptions(final_logit_softcapping=config.final_logit_softcapping)
+    grad_fn = jax.jit(
+        jax.grad(step_lib.loss_and_metrics, has_aux=True),
+        static_argnames=("apply_fn", "options"),
+    )
+    grads, metrics = grad_fn(
+        adapters, reference, batch, None, apply_fn=make_apply_fn(config), options=options
+    )
+    return metrics, grads
+
+
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
-def test_merged_and_peft_exports_give_the_logits_of_base_plus_adapters(name, tmp_path):
+def test_unmerged_merged_and_peft_give_the_logits_of_base_plus_adapters(name, tmp_path):
+    """The step's unmerged layers (x·W + s·x·A·B) equal the merged weights (logits, log-probs,
+    loss, adapter gradients), and both exports give transformers' and PEFT's logits."""
     model = _hf_model(name, seed=2)
     model.save_pretrained(tmp_path / "base", safe_serialization=True)
     config, base = load_hf(str(tmp_path / "base"))
@@ -52,6 +88,20 @@ def test_merged_and_peft_exports_give_the_logits_of_base_plus_adapters(name, tmp
     tokens, mask = _padded_batch(config.vocab_size, seed=2)
     ours = _our_logits(config, lora.merge(base, adapters, spec), tokens, mask)
     assert np.max(np.abs(ours - _our_logits(config, base, tokens, mask))[mask]) > 0.1
+    unmerged = _our_logits(config, lora.attach(base, adapters, spec), tokens, mask)
+    unmerged_diff = np.max(np.abs(unmerged - ours)[mask])
+    assert unmerged_diff <= UNMERGED_TOLERANCE, f"{name}: unmerged differs by {unmerged_diff:.2e}"
+    batch = _pair_batch(tokens, mask)
+    got, got_grads = _loss_and_grads(config, base, adapters, spec, batch)
+    want, want_grads = _loss_and_grads(
+        config, base, adapters, dataclasses.replace(spec, merged=True), batch
+    )
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for path, grad in jax.tree_util.tree_leaves_with_path(got_grads):
+        expected = _leaf(want_grads, path)
+        scale = np.max(np.abs(expected))
+        assert scale > 0 and np.max(np.abs(grad - expected)) <= 1e-4 * scale, lora.path_name(path)
 
     save_hf(str(tmp_path / "merged"), config, lora.merge(base, adapters, spec))
     merged = transformers.AutoModelForCausalLM.from_pretrained(
@@ -70,8 +120,17 @@ def test_merged_and_peft_exports_give_the_logits_of_base_plus_adapters(name, tmp
         base_fingerprint="test",
     )
     with_adapters = peft.PeftModel.from_pretrained(model, tmp_path / "peft").eval()
-    peft_diff = np.max(np.abs(_hf_logits(with_adapters, tokens, mask) - ours)[mask])
+    peft_logits = _hf_logits(with_adapters, tokens, mask)
+    peft_diff = np.max(np.abs(peft_logits - ours)[mask])
     assert peft_diff <= PEFT_TOLERANCE, f"{name}: PEFT's logits differ by {peft_diff:.2e}"
+    peft_diff = np.max(np.abs(peft_logits - unmerged)[mask])
+    assert peft_diff <= PEFT_TOLERANCE, f"{name}: PEFT vs unmerged: {peft_diff:.2e}"
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
 
 
 def test_training_leaves_the_base_bit_identical_and_the_reference_equal_to_it(tmp_path):
@@ -111,8 +170,10 @@ def test_one_copy_of_the_base_is_held(tmp_path):
     assert "embedding" not in state.params
 
 
-def test_checkpoints_hold_the_adapters_and_resume_exactly(tmp_path):
-    config = _lora_config(checkpoint__every_steps=2, checkpoint__keep=1)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_checkpoints_hold_the_adapters_and_resume_exactly(tmp_path, dropout):
+    """With adapter dropout too: each step's masks come from the checkpointed key and step."""
+    config = _lora_config(checkpoint__every_steps=2, checkpoint__keep=1, lora__dropout=dropout)
     config.dpo.num_steps = 3
     ctx, straight, params = build(config, tmp_path / "straight")
     state_straight, history_straight = stage_lib.run_stage(straight, params, ctx)
@@ -126,6 +187,50 @@ def test_checkpoints_hold_the_adapters_and_resume_exactly(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, *jax.device_get((state_resumed, state_straight)))
     recorded = json.loads((tmp_path / "resumed" / "dpo" / checkpoint.LORA_BASE_FILE).read_text())
     assert recorded["base_fingerprint"] == second.reference.base_fingerprint
+
+
+def test_adapter_dropout_is_peft_s_against_numpy():
+    """x·W + s·(mask·x / (1 − p))·A·B with one Bernoulli(1 − p) mask per input element, on the
+    adapter path only; no key, no dropout (evaluation)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(64, 12)).astype(np.float32)
+    base = rng.normal(size=(12, 3, 5)).astype(np.float32)
+    lora_a = rng.normal(size=(12, 4)).astype(np.float32)
+    lora_b = rng.normal(size=(4, 15)).astype(np.float32)
+    key, p, scale = jax.random.key(7), 0.25, 0.5
+    adapted = linear.Adapted(base, lora_a, lora_b, key, scale, p, 1)
+    got = np.asarray(linear.project(jnp.asarray(tokens), adapted, "nd,dhk->nhk"))
+    keep = np.asarray(jax.random.bernoulli(key, 1 - p, tokens.shape))
+    assert abs(keep.mean() - (1 - p)) < 0.05
+    dropped = np.where(keep, tokens / (1 - p), 0.0)
+    want = np.einsum("nd,dhk->nhk", tokens, base) + scale * ((dropped @ lora_a) @ lora_b).reshape(
+        64, 3, 5
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    no_key = linear.Adapted(base, lora_a, lora_b, None, scale, p, 1)
+    got = np.asarray(linear.project(jnp.asarray(tokens), no_key, "nd,dhk->nhk"))
+    want = np.einsum("nd,dhk->nhk", tokens, base) + scale * ((tokens @ lora_a) @ lora_b).reshape(
+        64, 3, 5
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_each_layer_and_kernel_drops_its_own_inputs(tmp_path):
+    ctx, stage, params = build(_lora_config(lora__dropout=0.5), tmp_path)
+    adapters = stage_lib.init_state(stage, params, ctx).params
+    attached = lora.attach(params, adapters, stage.reference.spec, jax.random.key(1))
+    q, v = attached["layers"]["attn"]["q_kernel"], attached["layers"]["attn"]["v_kernel"]
+    assert q.dropout == 0.5 and q.dropout_key.shape == (
+        params["layers"]["attn"]["q_kernel"].shape[0],
+    )
+    keys = [jax.random.key_data(k) for k in (*q.dropout_key, *v.dropout_key)]
+    assert len({tuple(np.asarray(k).ravel()) for k in keys}) == len(keys)
+    assert (
+        lora.attach(params, adapters, stage.reference.spec)["layers"]["attn"][
+            "q_kernel"
+        ].dropout_key
+        is None
+    )
 
 
 def test_main_job_with_lora_exports_a_peft_adapter_and_the_merged_model(tmp_path):
@@ -150,8 +255,10 @@ def test_bad_lora_settings_are_named():
         train.check_config(tiny_config(lora__rank=-1, dpo__reference="adapters_off"))
     with pytest.raises(ValueError, match=r"config.lora.targets: 'attn/\(q' is not a regex"):
         train.check_config(_lora_config(lora__targets="attn/(q"))
-    with pytest.raises(ValueError, match=r"config.lora.dropout=0.1"):
-        train.check_config(_lora_config(lora__dropout=0.1))
+    with pytest.raises(ValueError, match=r"config.lora.dropout=0.1 with config.lora.merged=True"):
+        train.check_config(_lora_config(lora__dropout=0.1, lora__merged=True))
+    with pytest.raises(ValueError, match=r"config.lora.dropout=1.0 must be in \[0, 1\)"):
+        train.check_config(_lora_config(lora__dropout=1.0))
     with pytest.raises(ValueError, match=r"reference='precomputed' with config.lora.rank=4"):
         train.check_config(tiny_config(lora__rank=4, dpo__reference="precomputed"))
     with pytest.raises(ValueError, match=r"'adapters_off' needs LoRA"):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import layers
+from dpo_jax.models import layers, linear
 from dpo_jax.models.config import ModelConfig
 
 _INIT_STDDEV = 0.02  # transformers' initializer_range default
@@ -98,7 +98,7 @@ class Attention(nnx.Module):
         tokens = x.reshape(batch * length, -1)  # [B*T, D]: 2-D GEMMs, see layers.gated_mlp
 
         def project(kernel):
-            out = jnp.einsum("nd,dhk->nhk", tokens, kernel[...].astype(dtype))
+            out = linear.project(tokens, kernel.get_value(), "nd,dhk->nhk")
             return out.reshape(batch, length, *out.shape[1:])  # [B, T, heads, Dh]
 
         query = project(self.q_kernel)
@@ -117,7 +117,7 @@ class Attention(nnx.Module):
         """Attention outputs [B, T, H, Dh] -> [B, T, D] through the output projection."""
         batch, length = attended.shape[:2]
         out = attended.reshape(batch * length, *attended.shape[2:])  # [B*T, H, Dh]
-        out = jnp.einsum("nhk,hkd->nd", out, self.o_kernel[...].astype(attended.dtype))
+        out = linear.project(out, self.o_kernel.get_value(), "nhk,hkd->nd")
         out = out.reshape(batch, length, -1)
         if self.config.o_bias:
             out = out + self.o_bias[...].astype(out.dtype)[None, None]
@@ -226,12 +226,11 @@ class MLP(nnx.Module):
         self.down_kernel = normal_param(rngs, (f, d), pd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
         return layers.gated_mlp(
             x,
-            self.gate_kernel[...].astype(dtype),
-            self.up_kernel[...].astype(dtype),
-            self.down_kernel[...].astype(dtype),
+            self.gate_kernel.get_value(),
+            self.up_kernel.get_value(),
+            self.down_kernel.get_value(),
             self.activation,
         )
 

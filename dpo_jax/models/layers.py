@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpo_jax.models import linear
 
 # Added to masked attention scores. Finite, so a row with every key masked (a padding query)
 # softmaxes to a uniform, finite row instead of NaN.
@@ -200,16 +203,17 @@ def cudnn_attention(
 
 def gated_mlp(
     x: jax.Array,
-    gate_kernel: jax.Array,
-    up_kernel: jax.Array,
-    down_kernel: jax.Array,
+    gate_kernel: Any,
+    up_kernel: Any,
+    down_kernel: Any,
     activation: str,
 ) -> jax.Array:
     """down(act(x @ gate) * (x @ up)): SwiGLU ("silu") or GeGLU ("gelu_tanh").
 
     Args:
         x: [B, T, D] compute dtype.
-        gate_kernel, up_kernel: [D, F]; down_kernel: [F, D], already in the compute dtype.
+        gate_kernel, up_kernel: [D, F]; down_kernel: [F, D]: arrays (cast to x's dtype) or
+          `linear.Adapted` kernels.
         activation: "silu" or "gelu_tanh" (transformers' gelu_pytorch_tanh).
 
     Returns:
@@ -218,10 +222,10 @@ def gated_mlp(
     # 2-D matmuls over all tokens: XLA then computes the weight gradients as plain
     # transposed-operand GEMMs, where [B, T, F] einsums made it copy activations (measured on CPU).
     tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]
-    gate = tokens @ gate_kernel
-    up = tokens @ up_kernel
+    gate = linear.project(tokens, gate_kernel, "nd,df->nf")
+    up = linear.project(tokens, up_kernel, "nd,df->nf")
     if activation == "silu":
         hidden = jax.nn.silu(gate) * up
     else:
         hidden = jax.nn.gelu(gate, approximate=True) * up
-    return (hidden @ down_kernel).reshape(x.shape)
+    return linear.project(hidden, down_kernel, "nf,fd->nd").reshape(x.shape)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import kv_cache, layers
+from dpo_jax.models import kv_cache, layers, linear
 from dpo_jax.models.blocks import Block, RMSNorm, normal_param
 from dpo_jax.models.config import ModelConfig
 
@@ -125,7 +125,7 @@ class Transformer(nnx.Module):
         """[N, T] int32 -> [N, T, D] in the compute dtype."""
         config = self.config
         dtype = jnp.dtype(config.dtype)
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [N, T, D]
+        x = linear.take_rows(self.embedding.get_value(), tokens, dtype)  # [N, T, D]
         if config.embed_scale:
             # transformers rounds sqrt(D) to the weights' dtype first (55.4256 -> 55.5 in bf16).
             x = x * jnp.asarray(config.hidden_size**0.5, dtype)
@@ -134,9 +134,10 @@ class Transformer(nnx.Module):
     def _unembedding(self) -> jax.Array:
         """[D, V] in the compute dtype."""
         if self.config.tie_word_embeddings:
-            unembedding = self.embedding[...].T  # [D, V]; XLA folds the transpose into the dot
+            # [D, V]; XLA folds the transpose into the dot
+            unembedding = linear.dense(self.embedding.get_value(), jnp.dtype(self.config.dtype)).T
         else:
-            unembedding = self.lm_head[...]
+            return linear.dense(self.lm_head.get_value(), jnp.dtype(self.config.dtype))
         return unembedding.astype(jnp.dtype(self.config.dtype))
 
 

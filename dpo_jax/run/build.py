@@ -205,7 +205,11 @@ def make_reference(config: ml_collections.ConfigDict, initial_params: Any):
             return reference_lib.NoReference()
         case "adapters_off":
             spec = lora.LoraSpec(
-                config.lora.rank, config.lora.alpha, lora_targets(config.lora.targets)
+                config.lora.rank,
+                config.lora.alpha,
+                lora_targets(config.lora.targets),
+                dropout=config.lora.dropout,
+                merged=config.lora.merged,
             )
             lora.target_paths(initial_params, spec)  # each pattern must match a linear kernel
             return reference_lib.AdaptersOffReference(

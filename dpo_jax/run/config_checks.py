@@ -220,7 +220,9 @@ def _check_lora(config: ml_collections.ConfigDict) -> None:
             )
         return
     targets = lora_targets(lora_config.targets)
-    lora.check_spec(lora_config.rank, lora_config.alpha, targets, lora_config.dropout)
+    lora.check_spec(
+        lora_config.rank, lora_config.alpha, targets, lora_config.dropout, lora_config.merged
+    )
     _check_regexes("lora.targets", targets)
     if kind not in ("adapters_off", "frozen"):
         raise ValueError(

@@ -1,0 +1,180 @@
+"""The linear layers' kernels: a plain array, GGUF blocks, or a base with unmerged LoRA adapters.
+
+Every linear kernel of the decoder is read through `project` (or `dense` where a layer needs the
+weight itself, the unembedding). A kernel is either an array in the layout its einsum reads
+(`transformer._LOGICAL_AXES`), or an `Adapted` kernel: the frozen base W with PEFT's adapters
+A [in, r] and B [r, out], computed unmerged as
+
+    x·W + (alpha / r) · dropout(x)·A·B
+
+so the step never forms W + s·A·B or a gradient the size of W: the base is under
+`stop_gradient` and only the thin x·A and (x·A)·B products are differentiated. Adapted kernels
+are pytrees whose arrays carry the stacked layers' leading axis like the kernel they adapt, so
+`jax.lax.scan` over the layers slices them with the rest of the params, and they are sharded
+like their kernels (`dpo_jax.sharding` reads the base's axes).
+
+Dropout is PEFT's: on the adapter path's input only, inverted (kept values scaled by 1/(1-p)),
+during training only (a kernel built without a key applies none).
+
+A `Quantized` kernel (QLoRA) is a GGUF tensor kept in its block format, raw uint8 bytes with a
+type per layer, dequantised by `dpo_jax.models.gguf_blocks` where the layer reads it: inside the
+layer scan one layer's kernel at a time exists in floating point, and only while that layer
+runs (and again in its rematerialised backward). The embedding may be one too: a lookup
+dequantises the rows it gathers, the tied unembedding the whole table once per forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dpo_jax.models import gguf_blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A frozen kernel with unmerged low-rank adapters.
+
+    Attributes:
+      base: the kernel [*in, *out] (its leading layers axis, if stacked, included in each).
+      lora_a: A [in, r] float32, in = prod(in axes).
+      lora_b: B [r, out] float32, out = prod(out axes).
+      dropout_key: a PRNG key (one per layer when stacked), or None for no dropout.
+      scale: alpha / r.
+      dropout: p, the probability of zeroing an input of the adapter path.
+      num_in: how many of the kernel's (unstacked) axes are inputs.
+    """
+
+    base: Any
+    lora_a: jax.Array
+    lora_b: jax.Array
+    dropout_key: jax.Array | None
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(metadata=dict(static=True))
+    num_in: int = dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """A kernel kept as GGUF blocks (QLoRA's frozen base), dequantised where it is read.
+
+    Attributes:
+      data: uint8 [*stack, rows, row_bytes]: each row the GGUF tensor's row (its fastest axis,
+        the input features of a Linear weight), zero-padded to the widest of `type_names`.
+      type_index: int32 [*stack]: each layer's type, an index into `type_names`.
+      type_names: the GGUF types in the stack ("Q4_K", "Q6_K", ...; `gguf_blocks.SUPPORTED_TYPES`).
+      kernel_shape: the unstacked kernel's shape in the model's layout ([*in, *out]).
+      transposed: rows are outputs (a Linear weight [out, in], read as its transpose); False
+        for the embedding [V, D], whose rows are what a lookup gathers.
+    """
+
+    data: jax.Array
+    type_index: jax.Array
+    type_names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+    kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    transposed: bool = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The kernel's shape, a stacked one's layers axis first (as the float param's)."""
+        return tuple(self.data.shape[:-2]) + self.kernel_shape
+
+    @property
+    def row_length(self) -> int:
+        """Values per stored row (GGUF's ne0)."""
+        if self.transposed:
+            return math.prod(self.kernel_shape) // self.data.shape[-2]
+        return self.kernel_shape[-1]
+
+
+def _rows(data: jax.Array, type_index: jax.Array, kernel: Quantized) -> jax.Array:
+    """Stored rows [..., row_bytes] of one layer (scalar type_index) -> float32 [..., ne0]."""
+    if len(kernel.type_names) == 1:
+        return gguf_blocks.dequantize(data, kernel.type_names[0])
+    return gguf_blocks.dequantize_any(data, type_index, kernel.type_names, kernel.row_length)
+
+
+def _dequantized(kernel: Quantized) -> jax.Array:
+    """float32 in the model's layout, [*stack, *kernel_shape]."""
+
+    def one(data, type_index):
+        values = _rows(data, type_index, kernel)  # [rows, ne0]
+        return (values.T if kernel.transposed else values).reshape(kernel.kernel_shape)
+
+    for _ in range(kernel.type_index.ndim):  # outside the layer scan: every layer at once
+        one = jax.vmap(one)
+    return one(kernel.data, kernel.type_index)
+
+
+def is_node(value: Any) -> bool:
+    """Whether `value` is one of this module's kernels (a pytree node to treat as one leaf)."""
+    return isinstance(value, (Adapted, Quantized))
+
+
+def dequantized(params: Any) -> Any:
+    """`params` with every `Quantized` kernel as a float32 array (for export and inspection)."""
+    return jax.tree.map(
+        lambda leaf: _dequantized(leaf) if isinstance(leaf, Quantized) else leaf,
+        params,
+        is_leaf=lambda leaf: isinstance(leaf, Quantized),
+    )
+
+
+def take_rows(table: Any, tokens: jax.Array, dtype: Any) -> jax.Array:
+    """An embedding lookup, [V, D] table at [N, T] ids -> [N, T, D] in `dtype`; a quantised
+    table dequantises only the gathered rows."""
+    if isinstance(table, Quantized):
+        rows = jnp.take(table.data, tokens, axis=0)  # [N, T, row_bytes]
+        return _rows(rows, table.type_index, table).astype(dtype)
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def dense(kernel: Any, dtype: Any) -> jax.Array:
+    """The kernel as one array in `dtype`: itself, dequantised, or W + s·A·B (for a layer that
+    needs the weight whole, like the unembedding; its gradient then flows to A and B)."""
+    if isinstance(kernel, Quantized):
+        return _dequantized(kernel).astype(dtype)
+    if isinstance(kernel, Adapted):
+        base = dense(jax.lax.stop_gradient(kernel.base), jnp.float32)
+        delta = jnp.einsum("...ir,...ro->...io", kernel.lora_a, kernel.lora_b)
+        return (base + kernel.scale * delta.reshape(base.shape)).astype(dtype)
+    return kernel.astype(dtype)
+
+
+def project(tokens: jax.Array, kernel: Any, equation: str) -> jax.Array:
+    """`einsum(equation, tokens, kernel)` plus an adapted kernel's s·dropout(x)·A·B.
+
+    Args:
+      tokens: [N, *in] in the compute dtype (N tokens, the kernel's input axes).
+      kernel: an array, a `Quantized` or an `Adapted` kernel, unstacked (inside the layer scan).
+      equation: the einsum of tokens and the kernel, e.g. "nd,dhk->nhk".
+
+    Returns:
+      [N, *out] in the compute dtype.
+    """
+    dtype = tokens.dtype
+    if not isinstance(kernel, Adapted):
+        return jnp.einsum(equation, tokens, dense(kernel, dtype))
+    base = dense(jax.lax.stop_gradient(kernel.base), dtype)
+    out = jnp.einsum(equation, tokens, base)
+    inputs = tokens.reshape(tokens.shape[0], -1)  # [N, in]
+    if kernel.dropout_key is not None and kernel.dropout > 0:
+        keep = jax.random.bernoulli(kernel.dropout_key, 1.0 - kernel.dropout, inputs.shape)
+        inputs = jnp.where(keep, inputs / jnp.asarray(1.0 - kernel.dropout, dtype), 0)
+    # PEFT's order: the adapter path in the adapters' float32, added to the base's output in
+    # float32, the sum rounded once to the compute dtype.
+    low = jnp.dot(inputs, kernel.lora_a, preferred_element_type=jnp.float32)  # [N, r]
+    update = jnp.dot(low, kernel.lora_b, preferred_element_type=jnp.float32)  # [N, out]
+    total = out.astype(jnp.float32) + kernel.scale * update.reshape(out.shape)
+    return total.astype(dtype)
+
+
+def fan_in_out(shape: tuple[int, ...], num_in: int) -> tuple[int, int]:
+    """(in, out) of an unstacked kernel of `shape` whose first `num_in` axes are inputs."""
+    return math.prod(shape[:num_in]), math.prod(shape[num_in:])
