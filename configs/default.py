@@ -58,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.source = "random"  # "random" (init from the fields below), "hf", "gguf"
     config.model.hf_path = ""  # source="hf": a directory with config.json + *.safetensors
     config.model.gguf_path = ""  # source="gguf": a .gguf file ("" = the packaged Gemma 3 270M)
+    # source="gguf" with LoRA: keep the Linear weights and the embedding in the file's quantised
+    # blocks, dequantised per layer where read (QLoRA; dpo_jax/models/linear.py); False = float.
+    config.model.quantized = False
     config.model.family = "llama"  # source="random": llama, mistral, qwen2, qwen3, gemma3_text
     config.model.vocab_size = 0  # embedding rows; 0 = the tokenizer's vocabulary size
     config.model.hidden_size = 96  # D, width of the residual stream

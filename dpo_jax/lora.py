@@ -213,19 +213,23 @@ def attach(
 
 
 def check_quantized_targets(base: Any, spec: LoraSpec) -> None:
-    """QLoRA adapts the quantised base's kernels: a target that is a float kernel there (kept
-    whole, so trained through W + s·A·B at full size) is refused, naming it.
+    """QLoRA adapts the quantised kernels of its base: a target stored as floats there (an
+    F32/F16/BF16 tensor of the file, kept whole) is refused, naming it, since a base kept in
+    floats gains nothing from being read as blocks (load it with quantized=False).
 
     Raises:
-      ValueError: a targeted kernel that is not a `linear.Quantized` one.
+      ValueError: a targeted kernel that is not `linear.Quantized` with a quantised type.
     """
     kernels = _linear_paths(base)
+    quantized = [name for name, kernel in kernels.items() if linear.is_quantized(kernel)]
     for name in target_paths(base, spec):
-        if not isinstance(kernels[name], linear.Quantized):
+        if name not in quantized:
+            kernel = kernels[name]
+            stored = "/".join(getattr(kernel, "type_names", ())) or str(kernel.dtype)
             raise ValueError(
-                f"config.lora.targets: {name} is not a quantised kernel of this model (QLoRA, "
-                f"config.model.quantized=True, adapts its quantised kernels: "
-                f"{', '.join(n for n, k in kernels.items() if isinstance(k, linear.Quantized))})"
+                f"config.lora.targets: {name} is stored as {stored}, not a quantised kernel "
+                "(config.model.quantized=True adapts quantised kernels; this model's: "
+                f"{', '.join(quantized) or 'none'})"
             )
 
 

@@ -326,9 +326,12 @@ def _tiny_tensors(vocab_size, rng):
     return {name: value.astype(np.float32) for name, value in tensors.items()}
 
 
-def _write_tiny_gguf(path, *, architecture="gemma3", metadata=None, tensors=None, skip=()):
+def _write_tiny_gguf(
+    path, *, architecture="gemma3", metadata=None, tensors=None, skip=(), quantize=None
+):
     """Writes a tiny Gemma 3 GGUF; `metadata` overrides keys, `tensors` overrides/adds tensors,
-    `skip` leaves tensors out. The embedding is stored as Q8_0, the rest as F32."""
+    `skip` leaves tensors out. The embedding is stored as Q8_0, the rest as F32 unless
+    `quantize` ({tensor name: gguf type name}) says otherwise."""
     import gguf
 
     pieces, scores, types = _tiny_vocab()
@@ -363,7 +366,11 @@ def _write_tiny_gguf(path, *, architecture="gemma3", metadata=None, tensors=None
     for name, value in all_tensors.items():
         if name in skip:
             continue
-        if name == "token_embd.weight" and value.shape[-1] % 32 == 0:
+        if name in (quantize or {}):
+            kind = getattr(gguf.GGMLQuantizationType, quantize[name])
+            quantized = gguf.quants.quantize(value.astype(np.float32), kind)
+            writer.add_tensor(name, quantized, raw_dtype=kind)
+        elif name == "token_embd.weight" and value.shape[-1] % 32 == 0:
             quantized = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:

@@ -112,6 +112,14 @@ def _dequantized(kernel: Quantized) -> jax.Array:
     return one(kernel.data, kernel.type_index)
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensor types that store floats, not blocks
+
+
+def is_quantized(kernel: Any) -> bool:
+    """Whether `kernel` is a `Quantized` one in a quantised (block) type in every layer."""
+    return isinstance(kernel, Quantized) and not set(kernel.type_names) & set(FLOAT_TYPES)
+
+
 def is_node(value: Any) -> bool:
     """Whether `value` is one of this module's kernels (a pytree node to treat as one leaf)."""
     return isinstance(value, (Adapted, Quantized))

@@ -212,6 +212,8 @@ def make_reference(config: ml_collections.ConfigDict, initial_params: Any):
                 merged=config.lora.merged,
             )
             lora.target_paths(initial_params, spec)  # each pattern must match a linear kernel
+            if config.model.quantized:
+                lora.check_quantized_targets(initial_params, spec)
             return reference_lib.AdaptersOffReference(
                 initial_params,
                 spec=spec,

@@ -64,6 +64,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_loss(config.dpo)
     _check_reference(config.dpo)
     _check_lora(config)
+    _check_quantized(config)
     _check_optimizer(config)
     _check_data(config.data, config.optimizer.grad_accum_steps)
     _check_choice(config, "guards.on_nonfinite", ON_NONFINITE)
@@ -140,6 +141,23 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
         )
     if model.logits_chunk_size < 0:
         raise ValueError(f"config.model.logits_chunk_size={model.logits_chunk_size} must be >= 0")
+
+
+def _check_quantized(config: ml_collections.ConfigDict) -> None:
+    """A quantised base (QLoRA) is a GGUF's, frozen: only LoRA adapters train over it."""
+    if not config.model.quantized:
+        return
+    if config.model.source != "gguf":
+        raise ValueError(
+            f"config.model.quantized=True needs config.model.source='gguf' (found "
+            f"{config.model.source!r}): the quantised blocks are a GGUF file's"
+        )
+    if not config.lora.rank or config.sft.num_steps:
+        raise ValueError(
+            "config.model.quantized=True keeps the base frozen in its blocks: it needs LoRA "
+            f"(config.lora.rank >= 1, found {config.lora.rank}) and no full-model SFT stage "
+            f"(config.sft.num_steps=0, found {config.sft.num_steps})"
+        )
 
 
 def _check_loss(dpo: ml_collections.ConfigDict) -> None:

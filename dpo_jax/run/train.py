@@ -17,7 +17,7 @@ import numpy as np
 from dpo_jax import evaluation, sharding, storage
 from dpo_jax import reference as reference_lib
 from dpo_jax.data import synthetic
-from dpo_jax.models import ModelConfig, init_params, load_hf, logical_axes, make_apply_fn
+from dpo_jax.models import ModelConfig, init_params, linear, load_hf, logical_axes, make_apply_fn
 from dpo_jax.run import checkpoint, errors, run_config, wandb_log
 from dpo_jax.run.build import (  # noqa: F401 - re-exported: the stage builders' public names
     REFERENCE_FREE_LOSSES,
@@ -80,7 +80,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     run_config.check_workdir(config, workdir)
     mesh = make_mesh(config)
     tokenizer, model_config, loaded_params = load_model(config, workdir)
-    ctx = make_context(config, mesh, model_config, workdir)
+    ctx = make_context(config, mesh, model_config, workdir, loaded_params)
     log = wandb_log.open_run(config, workdir)
     ctx = dataclasses.replace(ctx, wandb=log)
     try:
@@ -174,8 +174,9 @@ def load_model(
     elif config.model.source == "gguf":
         from dpo_jax.models.convert_gguf import load_gguf
 
+        quantized = config.model.quantized
         model_config, params, gguf_tokenizer = load_gguf(
-            gguf_path(config, workdir), lazy=True, **overrides
+            gguf_path(config, workdir), lazy=not quantized, quantized=quantized, **overrides
         )
     tokenizer = _load_tokenizer(config, gguf_tokenizer if config.model.source == "gguf" else None)
     if config.model.source == "random":
@@ -229,11 +230,17 @@ def _load_tokenizer(config: ml_collections.ConfigDict, model_tokenizer: Tokenize
     return Tokenizer.from_dir(name)
 
 
-def make_context(config, mesh, model_config: ModelConfig, workdir: str) -> Context:
+def make_context(
+    config, mesh, model_config: ModelConfig, workdir: str, loaded: Any = None
+) -> Context:
+    """The stage-independent run context; `loaded` (from `load_model`) shapes the shardings of a
+    quantised base."""
     abstract_params = jax.eval_shape(init_params, model_config, jax.random.key(0))
     param_shardings = sharding.logical_to_sharding(
         logical_axes(model_config), abstract_params, mesh, config.mesh.rules
     )
+    if config.model.quantized:
+        param_shardings = _quantized_shardings(param_shardings, loaded, mesh)
     return Context(
         mesh=mesh,
         apply_fn=make_apply_fn(model_config),
@@ -253,6 +260,20 @@ def make_context(config, mesh, model_config: ModelConfig, workdir: str) -> Conte
         collapse_patience=config.guards.collapse_patience,
         step0_tolerance=STEP0_TOLERANCE[model_config.dtype] if config.guards.check_step0 else None,
     )
+
+
+def _quantized_shardings(param_shardings: Any, loaded: Any, mesh) -> Any:
+    """The float params' shardings with each quantised kernel's bytes replicated: QLoRA is for
+    one chip (a model that fits it only quantised), and a row of blocks does not split along the
+    kernel's logical axes."""
+    whole = sharding.replicated(mesh)
+
+    def one(param_sharding, leaf):
+        if isinstance(leaf, linear.Quantized):
+            return dataclasses.replace(leaf, data=whole, type_index=whole)
+        return param_sharding
+
+    return jax.tree.map(one, param_shardings, loaded)
 
 
 def initial_params(model_config: ModelConfig, loaded: Any, ctx: Context, seed: int) -> Any:
@@ -283,14 +304,15 @@ def export(config, workdir: str, model_config: ModelConfig, reference: Any, trai
     `base_model_name_or_path` is the configured HF directory, or <workdir>/hf_base (the base
     written there) when the base was trained here or came from a GGUF or a random init.
     """
-    policy = reference_lib.policy_params(reference, trainable)
+    # A quantised base (QLoRA) exports dequantised: transformers reads float weights.
+    policy = linear.dequantized(reference_lib.policy_params(reference, trainable))
     checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, policy)
     if not isinstance(reference, reference_lib.AdaptersOffReference):
         return
     base_model = config.model.hf_path
     if config.sft.num_steps or config.model.source != "hf":
         base_model = os.path.join(workdir, "hf_base")
-        checkpoint.export_hf(base_model, model_config, reference.base)
+        checkpoint.export_hf(base_model, model_config, linear.dequantized(reference.base))
     checkpoint.export_peft(
         os.path.join(workdir, "peft"),
         model_config,
