@@ -12,14 +12,19 @@ import numpy as np
 import peft
 import pytest
 import transformers
+from test_convert_hf import _hf_model, _our_logits, _padded_batch
 from test_gemma3_gguf import _TINY, _write_tiny_gguf
 from test_train_step import tiny_config
 
 from dpo_jax import lora
-from dpo_jax.models import convert_gguf, linear
+from dpo_jax.models import convert_gguf, linear, load_hf, quantize
 from dpo_jax.models.transformer import logits
 from dpo_jax.run import train
 
+# The tiny random Llama's logits (max |logit| 5.0) quantised against float: measured 0.165
+# (Q8_0), 1.08 (Q5_0) and 2.12 (Q4_0), the bits' steps; bounds 1.5x that. A random model of
+# width 64 is far more sensitive than a trained one (Gemma 3 270M's file: docs/lora.md).
+HF_LOGIT_BOUND = {"Q8_0": 0.25, "Q5_0": 1.6, "Q4_0": 3.2}
 KERNELS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -117,17 +122,17 @@ def test_qlora_dpo_trains_and_both_exports_load(tiny_gguf, tmp_path):
 def test_bad_qlora_settings_are_one_line(tiny_gguf, tmp_path):
     with pytest.raises(ValueError, match=r"config.model.quantized=True keeps the base frozen"):
         train.check_config(_qlora_config(tiny_gguf, lora__rank=0, dpo__reference="frozen"))
-    with pytest.raises(ValueError, match=r"quantized=True needs config.model.source='gguf'"):
+    with pytest.raises(ValueError, match=r"quantized=True needs a pretrained base"):
         train.check_config(tiny_config(model__quantized=True, lora__rank=4))
     # A block type gguf_blocks does not decode is named, with the supported ones.
-    q4_0 = _write_tiny_gguf(
-        tmp_path / "q4_0.gguf", quantize={**_plan(), "blk.2.ffn_up.weight": "Q4_0"}
+    q4_1 = _write_tiny_gguf(
+        tmp_path / "q4_1.gguf", quantize={**_plan(), "blk.2.ffn_up.weight": "Q4_1"}
     )
     with pytest.raises(ValueError) as error:
-        convert_gguf.load_gguf(q4_0, quantized=True)
+        convert_gguf.load_gguf(q4_1, quantized=True)
     assert str(error.value) == (
-        f"{q4_0}: tensor 'blk.2.ffn_up.weight' is Q4_0, a block type the quantised base cannot "
-        "keep (supported: F32, F16, BF16, Q8_0, Q5_0, Q4_K, Q6_K)"
+        f"{q4_1}: tensor 'blk.2.ffn_up.weight' is Q4_1, a block type the quantised base cannot "
+        "keep (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K)"
     )
     # A target stored as floats in the file is not a quantised kernel.
     float_up = _write_tiny_gguf(tmp_path / "float_up.gguf", quantize=_plan(skip=("ffn_up",)))
@@ -142,3 +147,29 @@ def test_bad_qlora_settings_are_one_line(tiny_gguf, tmp_path):
         + ", ".join(f"layers/{'attn/' if 'mlp' not in k else ''}{k}" for k in kernels.split(", "))
         + ")"
     )
+
+
+@pytest.mark.parametrize("type_name", quantize.HF_TYPES)
+def test_a_float_checkpoint_is_quantised_on_load_by_gguf_s_quantiser(type_name, tmp_path):
+    import gguf
+
+    model = _hf_model("llama", seed=2)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    config, params = load_hf(str(tmp_path), quantized_type=type_name)
+    _, float_params = load_hf(str(tmp_path))
+    q_kernel = params["layers"]["attn"]["q_kernel"]
+    assert isinstance(q_kernel, linear.Quantized) and q_kernel.type_names == (type_name,)
+    # The blocks are gguf's quantiser's, and read back as gguf's dequantiser reads them.
+    kind = gguf.GGMLQuantizationType[type_name]
+    weight = model.state_dict()["model.layers.1.self_attn.q_proj.weight"].numpy()
+    raw = gguf.quants.quantize(weight, kind)
+    np.testing.assert_array_equal(np.asarray(q_kernel.data[1]), raw)
+    dequantized = linear.dequantized(params)["layers"]["attn"]["q_kernel"][1]
+    expected = gguf.quants.dequantize(raw, kind).T.reshape(q_kernel.kernel_shape)
+    np.testing.assert_array_equal(np.asarray(dequantized), expected)
+    tokens, mask = _padded_batch(config.vocab_size, seed=2)
+    got = _our_logits(config, jax.device_put(params), tokens, mask)
+    want = _our_logits(config, float_params, tokens, mask)
+    diff = np.max(np.abs(got - want)[mask])
+    print(f"{type_name}: max |logit difference| {diff:.4f} of max |logit| {np.abs(want).max():.2f}")
+    assert diff <= HF_LOGIT_BOUND[type_name]

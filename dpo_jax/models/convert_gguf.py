@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
 
-import jax
 import numpy as np
 
-from dpo_jax.models import convert_hf, gguf_blocks, linear
+from dpo_jax.models import convert_hf, gguf_blocks, quantize
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.gguf_tokenizer import (  # noqa: F401 - re-exported
     SUPPORTED_TOKENIZERS,
@@ -17,7 +17,6 @@ from dpo_jax.models.gguf_tokenizer import (  # noqa: F401 - re-exported
     sentencepiece_bpe,
     tokenizer_from_pieces,
 )
-from dpo_jax.models.transformer import init_params
 from dpo_jax.tokenizer import Tokenizer, check_tokenizer_fits
 
 __all__ = [
@@ -93,7 +92,8 @@ def load_gguf(
     config = ModelConfig.from_hf_config(hf_config, str(path), **config_overrides)
     check_tokenizer_fits(tokenizer, config)
     if quantized:
-        return config, _quantized_params(config, tensors, str(path)), tokenizer
+        blocks_of = functools.partial(_raw_blocks, path=str(path))
+        return config, quantize.quantized_params(config, tensors, blocks_of), tokenizer
     if lazy:
         return config, convert_hf.lazy_params_from_hf_tensors(config, tensors), tokenizer
     params = convert_hf.params_from_hf_tensors(config, tensors)
@@ -380,31 +380,7 @@ def _read_tensors(
     return tensors
 
 
-def _quantized_params(config: ModelConfig, tensors: dict[str, Any], path: str) -> dict[str, Any]:
-    """Params with each Linear weight and the embedding as `linear.Quantized` GGUF blocks (one
-    per stacked param, layers of different types padded to the widest), the rest float."""
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    blocks: dict[tuple, dict] = {}
-    floats: dict[tuple, dict] = {}
-    for spec in convert_hf._specs(config):
-        tensor = tensors[spec.hf_name]
-        if spec.transposed or spec.path == ("embedding",):
-            blocks.setdefault(spec.path, {})[spec.layer] = _raw_blocks(tensor, spec, path)
-        else:
-            value = spec.to_param(np.asarray(tensor, np.float32))
-            floats.setdefault(spec.path, {})[spec.layer] = value.astype(config.param_dtype)
-    params: dict[str, Any] = {}
-    for param_path, by_layer in floats.items():
-        convert_hf._set(params, param_path, _stack(by_layer))
-    for param_path, by_layer in blocks.items():
-        shape = convert_hf._get(shapes, param_path).shape
-        layered = param_path[0] == "layers"
-        kernel = _stacked_blocks(by_layer, shape[1:] if layered else shape, param_path)
-        convert_hf._set(params, param_path, kernel)
-    return params
-
-
-def _raw_blocks(tensor: _GGUFTensor, spec, path: str) -> tuple[np.ndarray, str]:
+def _raw_blocks(tensor: _GGUFTensor, spec, *, path: str) -> tuple[np.ndarray, str]:
     """(uint8 [rows, row_bytes] bytes of the file's tensor (a view of the mapped file), type)."""
     type_name = tensor.tensor.tensor_type.name
     if type_name not in gguf_blocks.SUPPORTED_TYPES:
@@ -414,26 +390,6 @@ def _raw_blocks(tensor: _GGUFTensor, spec, path: str) -> tuple[np.ndarray, str]:
         )
     rows = spec.hf_shape[0]
     return np.asarray(tensor.tensor.data).view(np.uint8).reshape(rows, -1), type_name
-
-
-def _stack(by_layer: dict) -> np.ndarray:
-    if list(by_layer) == [None]:
-        return by_layer[None]
-    return np.stack([by_layer[layer] for layer in sorted(by_layer)])
-
-
-def _stacked_blocks(by_layer: dict, kernel_shape: tuple[int, ...], param_path) -> linear.Quantized:
-    names = tuple(dict.fromkeys(type_name for _, type_name in by_layer.values()))
-    width = max(raw.shape[1] for raw, _ in by_layer.values())
-    data = {layer: gguf_blocks.pad_rows(raw, width) for layer, (raw, _) in by_layer.items()}
-    types = {layer: np.int32(names.index(type_name)) for layer, (_, type_name) in by_layer.items()}
-    return linear.Quantized(
-        _stack(data),
-        np.asarray(_stack(types), np.int32),
-        type_names=names,
-        kernel_shape=tuple(kernel_shape),
-        transposed=param_path != ("embedding",),
-    )
 
 
 def _tokenizer_from_reader(reader, metadata: dict[str, Any], path: str) -> Tokenizer:

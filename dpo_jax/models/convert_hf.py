@@ -417,7 +417,11 @@ def _tensor_names(path: str) -> list[str]:
 
 
 def load_hf(
-    model_dir: str, *, lazy: bool = False, **config_overrides: Any
+    model_dir: str,
+    *,
+    lazy: bool = False,
+    quantized_type: str | None = None,
+    **config_overrides: Any,
 ) -> tuple[ModelConfig, Params]:
     """Reads a transformers model directory: config.json and safetensors weights.
 
@@ -426,6 +430,8 @@ def load_hf(
             model.safetensors.index.json and its shards).
         lazy: return `LazyParam` leaves (nothing read until indexed; for sharded loading with
             `jax.make_array_from_callback`) instead of jax arrays.
+        quantized_type: quantise the Linear weights and the embedding on load to this GGUF
+            block type (`quantize.HF_TYPES`), as `linear.Quantized` numpy bytes (QLoRA's base).
         **config_overrides: ModelConfig fields to set (dtype, param_dtype, remat, attention_impl).
             Without param_dtype, the checkpoint's (config.json's `dtype` / `torch_dtype`) is used
             when it is one we support (float32, bfloat16), else float32.
@@ -447,6 +453,11 @@ def load_hf(
     for path in _safetensors_files(model_dir):
         for name in _tensor_names(path):
             tensors[name] = _LazyTensor(path, name)
+    if quantized_type is not None:
+        from dpo_jax.models import quantize  # it builds on this module
+
+        blocks_of = quantize.hf_blocks(quantized_type)
+        return config, quantize.quantized_params(config, tensors, blocks_of)
     if lazy:
         return config, lazy_params_from_hf_tensors(config, tensors)
     return config, params_from_hf_tensors(config, tensors)

@@ -35,6 +35,7 @@ BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
     "F16": (1, 2),
     "BF16": (1, 2),
     "Q8_0": (32, 2 + 32),  # f16 d; int8 qs[32]
+    "Q4_0": (32, 2 + 16),  # f16 d; uint8 qs[16]
     "Q5_0": (32, 2 + 4 + 16),  # f16 d; uint8 qh[4]; uint8 qs[16]
     "Q4_K": (QK_K, 2 + 2 + 12 + QK_K // 2),  # f16 d, dmin; uint8 scales[12]; uint8 qs[128]
     "Q6_K": (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql[128]; qh[64]; int8 sc[16]; d
@@ -105,6 +106,14 @@ def _q8_0_block(blocks: jax.Array) -> jax.Array:
     scale = _f16(blocks[..., 0], blocks[..., 1])[..., None]  # [..., 1]
     quants = _int8(blocks[..., 2:]).astype(jnp.float32)  # [..., 32]
     return quants * scale
+
+
+def _q4_0_block(blocks: jax.Array) -> jax.Array:
+    """Q4_0: `[..., 18]` uint8 -> `[..., 32]` float32, y[i] = (q[i] - 8) * d, q[i] the low nibble
+    of qs[i] for i < 16 and the high nibble of qs[i - 16] otherwise."""
+    scale = _f16(blocks[..., 0], blocks[..., 1])[..., None]  # [..., 1]
+    quants = _merge(_bit_fields(blocks[..., 2:18], 4), 2)  # [..., 32]
+    return (quants - 8).astype(jnp.float32) * scale
 
 
 def _q5_0_block(blocks: jax.Array) -> jax.Array:
@@ -186,6 +195,7 @@ _DECODERS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "F16": _float16_block,
     "BF16": _bfloat16_block,
     "Q8_0": _q8_0_block,
+    "Q4_0": _q4_0_block,
     "Q5_0": _q5_0_block,
     "Q4_K": _q4_k_block,
     "Q6_K": _q6_k_block,

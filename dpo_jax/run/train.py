@@ -170,7 +170,10 @@ def load_model(
     )
     params = None
     if config.model.source == "hf":
-        model_config, params = load_hf(config.model.hf_path, lazy=True, **overrides)
+        quantized_type = config.model.quantized_type if config.model.quantized else None
+        model_config, params = load_hf(
+            config.model.hf_path, lazy=True, quantized_type=quantized_type, **overrides
+        )
     elif config.model.source == "gguf":
         from dpo_jax.models.convert_gguf import load_gguf
 
