@@ -58,9 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.source = "random"  # "random" (init from the fields below), "hf", "gguf"
     config.model.hf_path = ""  # source="hf": a directory with config.json + *.safetensors
     config.model.gguf_path = ""  # source="gguf": a .gguf file ("" = the packaged Gemma 3 270M)
-    # source="gguf" with LoRA: keep the Linear weights and the embedding in the file's quantised
-    # blocks, dequantised per layer where read (QLoRA; dpo_jax/models/linear.py); False = float.
-    config.model.quantized = False
+    # With LoRA, hold the base's Linear weights and embedding as GGUF blocks, dequantised per
+    # layer where read (QLoRA; dpo_jax/models/quantize.py): a GGUF keeps its file's blocks, an
+    # HF checkpoint is quantised to quantized_type on load; False = float weights.
+    config.model.quantized = False  # QLoRA's base as GGUF blocks (see above); needs LoRA
+    config.model.quantized_type = "Q4_0"  # source="hf": Q8_0, Q5_0 or Q4_0 (4.5 bits a weight)
     config.model.family = "llama"  # source="random": llama, mistral, qwen2, qwen3, gemma3_text
     config.model.vocab_size = 0  # embedding rows; 0 = the tokenizer's vocabulary size
     config.model.hidden_size = 96  # D, width of the residual stream
@@ -197,7 +199,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.lora.dropout = 0.0  # PEFT's lora_dropout on the adapters' input, in training only
     # The step's form: False = x·W + s·dropout(x)·A·B in each layer (no gradient the size of W);
     # True = the model run on W + s·A·B (the first release's form; takes no dropout).
-    config.lora.merged = False
+    config.lora.merged = False  # the step on W + s·A·B (see above); False = unmerged layers
 
     # Optimizer (of the DPO stage; the SFT stage shares it but for its rate and warmup)
     config.optimizer = ml_collections.ConfigDict()
