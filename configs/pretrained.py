@@ -22,6 +22,10 @@ Variants (`configs/pretrained.py:<variant>`):
                the same with rank-8 LoRA adapters on every layer's linear kernels (dpo_jax.lora):
                the pretrained model is held once, as the base and the reference (adapters off),
                and only the adapters and their optimizer state train; the rate is 10x.
+  gemma3_gguf_qlora
+               gemma3_gguf_lora over the file's quantised blocks (QLoRA: model.quantized, each
+               layer's kernels dequantised where read), bfloat16 compute and 64-token logit chunks:
+               the small-machine setting (docs/lora.md).
 
 Every other field comes from configs/default.py.
 """
@@ -31,7 +35,7 @@ import os
 
 import ml_collections
 
-VARIANTS = ("", "gemma3_gguf", "lora", "gemma3_gguf_lora")
+VARIANTS = ("", "gemma3_gguf", "lora", "gemma3_gguf_lora", "gemma3_gguf_qlora")
 
 
 def _default_config():
@@ -55,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = _default_config()
     # Model: weights and tokenizer from the pretrained model.
     config.model.source = "gguf" if variant.startswith("gemma3_gguf") else "hf"
+    if variant == "gemma3_gguf_qlora":
+        config.model.quantized = True
+        config.model.dtype = "bfloat16"
     config.model.logits_chunk_size = 256  # a large vocabulary: never hold all [N, T, V] logits
     # Recompute each layer in the backward pass: Gemma 3 270M on 512-token rows needs it to fit a
     # 24 GiB host (issue 23: 11.1 GiB peak with it, 25.9 GiB planned without).
@@ -74,6 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.learning_rate = 1e-6
     config.optimizer.warmup_steps = 10
     config.optimizer.decay = "constant"
+    if variant == "gemma3_gguf_qlora":
+        config.model.logits_chunk_size = 64  # [64, 262144] float32 logits: 67 MB a chunk
     if variant.endswith("lora"):
         config.lora.rank = 8
         config.lora.alpha = 16.0

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dpo_jax import storage
+from dpo_jax.models import linear
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.transformer import Params
 
@@ -473,12 +474,85 @@ def checkpoint_dtype(hf_config: Mapping[str, Any]) -> str:
 def save_hf(model_dir: str, config: ModelConfig, params: Params) -> None:
     """Writes config.json and model.safetensors that transformers' `from_pretrained` loads.
 
-    Weights are written in `config.param_dtype`; a tied model writes no lm_head.
+    Weights are written in `config.param_dtype`; a tied model writes no lm_head. The params may
+    be device arrays, numpy arrays or `linear.Quantized` kernels (dequantised to float32 here);
+    one stacked param at a time is brought to the host and written (`write_safetensors_streamed`),
+    so the export holds at most one stack beside the params, not a second copy of the model.
     """
-    tensors = hf_tensors_from_params(config, params)
-    write_safetensors(storage.join(model_dir, WEIGHTS_FILE), tensors, {"format": "pt"})
+    specs = list(_specs(config))
+    by_path: dict[tuple, list[_Spec]] = {}
+    for spec in specs:
+        by_path.setdefault(spec.path, []).append(spec)
+    dtype = np.dtype(config.param_dtype if config.param_dtype != "bfloat16" else "float32")
+    if config.param_dtype == "bfloat16":
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+
+    def tensors():
+        for path, group in by_path.items():
+            value = np.asarray(jax.device_get(linear.dense(_get(params, path), dtype)))
+            for spec in group:
+                tensor = np.ascontiguousarray(
+                    spec.to_hf(value if spec.layer is None else value[spec.layer])
+                )
+                if tensor.shape != spec.hf_shape:
+                    raise ValueError(
+                        f"param {spec.path} gives {spec.hf_name!r} of shape {tensor.shape}, "
+                        f"expected {spec.hf_shape}"
+                    )
+                yield spec.hf_name, tensor
+            del value
+
+    entries = [(spec.hf_name, spec.hf_shape, dtype) for group in by_path.values() for spec in group]
+    write_safetensors_streamed(
+        storage.join(model_dir, WEIGHTS_FILE), entries, tensors(), {"format": "pt"}
+    )
     text = json.dumps(config.to_hf_config(), indent=2, sort_keys=True) + "\n"
     storage.write_text(storage.join(model_dir, CONFIG_FILE), text)
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def write_safetensors_streamed(path: str, entries, tensors, metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time, in `entries`' order.
+
+    The `safetensors` package's writers take every tensor at once (a dict), which for an export
+    means a second copy of the whole model on the host; the format is an 8-byte little-endian
+    header length, a JSON header of names, dtypes, shapes and byte offsets, then the tensors'
+    bytes back to back, so with the shapes known up front the header is written first and each
+    tensor streamed after it (the file reads back with `safetensors` and transformers).
+
+    Args:
+      path: a local path or a URL.
+      entries: [(name, shape, numpy dtype)], the order the tensors come in.
+      tensors: an iterator of (name, array) in that order.
+      metadata: the header's `__metadata__`.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[np.dtype(dtype).name],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data start 8-byte aligned, as safetensors pads
+    if not storage.is_remote(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    expected = iter(entries)
+    with storage.open_file(path, "wb") as writer:
+        writer.write(len(text).to_bytes(8, "little") + text)
+        for name, tensor in tensors:
+            want_name, want_shape, want_dtype = next(expected)
+            got = (name, tuple(tensor.shape), tensor.dtype)
+            if got != (want_name, tuple(want_shape), np.dtype(want_dtype)):
+                raise ValueError(f"{path}: tensor {got} is not the header's next, {want_name}")
+            writer.write(np.ascontiguousarray(tensor).view(np.uint8).data)
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]):

@@ -180,6 +180,9 @@ def export_hf(directory: str, model_config: ModelConfig, params: Any) -> None:
       NonFiniteParams: a tensor holds NaN or infinity (nothing is written).
     """
     check_finite(params, f"the export to {directory}")
+    if jax.process_count() == 1:  # streamed, one stacked param at a time (`save_hf`)
+        save_hf(directory, model_config, params)
+        return
     host = jax.tree.map(_to_host, params)
     if jax.process_index() == 0:
         save_hf(directory, model_config, host)

@@ -19,12 +19,17 @@ from dpo_jax.data.hf_datasets import parse_columns
 from dpo_jax.data.pipeline import check_batching
 from dpo_jax.data.tokenize import check_limits
 from dpo_jax.losses import LOSS_ALIASES, LOSS_VARIANTS, dpo_loss_fn
+from dpo_jax.models import gguf_blocks, linear, quantize
 from dpo_jax.models.config import ATTENTION_IMPLS
 from dpo_jax.run.optim import make_optimizer, make_schedule
 
 MODEL_SOURCES = ("random", "hf", "gguf")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
+# The block types a plan can quantise a random model to (config.model.quantized_type).
+QUANTIZED_TYPES = tuple(
+    name for name in gguf_blocks.SUPPORTED_TYPES if name not in linear.FLOAT_TYPES
+)
 
 
 def loss_names(loss_type: str) -> tuple[str, ...]:
@@ -49,8 +54,14 @@ def loss_weights(text: str, field: str = "config.dpo.loss_weights") -> tuple[flo
     return tuple(weights) or None
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict, *, planning: bool = False) -> None:
     """Validates every field a run reads, so that a bad value fails before anything is built.
+
+    Args:
+      config: the config.
+      planning: the config is compiled by the planner (`dpo_jax.benchmarks.planner`), not
+        trained: a quantised base may then come from no file (model.source="random"), as blocks
+        of config.model.quantized_type shaped like the float params.
 
     Raises:
       ValueError: naming the field, its value and what was expected.
@@ -64,7 +75,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_loss(config.dpo)
     _check_reference(config.dpo)
     _check_lora(config)
-    _check_quantized(config)
+    _check_quantized(config, planning)
     _check_optimizer(config)
     _check_data(config.data, config.optimizer.grad_accum_steps)
     _check_choice(config, "guards.on_nonfinite", ON_NONFINITE)
@@ -143,14 +154,25 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model.logits_chunk_size={model.logits_chunk_size} must be >= 0")
 
 
-def _check_quantized(config: ml_collections.ConfigDict) -> None:
-    """A quantised base (QLoRA) is a GGUF's, frozen: only LoRA adapters train over it."""
+def _check_quantized(config: ml_collections.ConfigDict, planning: bool) -> None:
+    """A quantised base (QLoRA: a GGUF's blocks, or an HF checkpoint quantised on load) is
+    frozen: only LoRA adapters train over it. A plan may also quantise a random model's shapes
+    to config.model.quantized_type."""
     if not config.model.quantized:
         return
-    if config.model.source != "gguf":
+    sources = ("gguf", "hf", "random") if planning else ("gguf", "hf")
+    if config.model.source not in sources:
         raise ValueError(
-            f"config.model.quantized=True needs config.model.source='gguf' (found "
-            f"{config.model.source!r}): the quantised blocks are a GGUF file's"
+            f"config.model.quantized=True needs a pretrained base, config.model.source='gguf' "
+            f"or 'hf' (found {config.model.source!r})"
+            + ("; a plan may also quantise source='random'" if planning else "")
+        )
+    if config.model.source == "hf":
+        quantize.check_hf_type(config.model.quantized_type)
+    if config.model.source == "random" and config.model.quantized_type not in QUANTIZED_TYPES:
+        raise ValueError(
+            f"config.model.quantized_type={config.model.quantized_type!r}; allowed: "
+            f"{', '.join(QUANTIZED_TYPES)}"
         )
     if not config.lora.rank or config.sft.num_steps:
         raise ValueError(

@@ -81,10 +81,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     mesh = make_mesh(config)
     tokenizer, model_config, loaded_params = load_model(config, workdir)
     ctx = make_context(config, mesh, model_config, workdir, loaded_params)
+    # The host's copy of the loaded model (a GGUF's mapped file, its dequantisation cache, or
+    # quantised blocks) is released once the params are on the devices: nothing else holds it.
+    params = initial_params(model_config, loaded_params, ctx, config.seed)
+    del loaded_params
     log = wandb_log.open_run(config, workdir)
     ctx = dataclasses.replace(ctx, wandb=log)
     try:
-        summary = _run_stages(config, workdir, tokenizer, model_config, loaded_params, ctx)
+        summary = _run_stages(config, workdir, tokenizer, model_config, params, ctx)
     except BaseException:
         log.finish(exit_code=1)  # the run stays resumable: its id is in the workdir
         raise
@@ -92,11 +96,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return summary
 
 
-def _run_stages(config, workdir: str, tokenizer, model_config, loaded_params, ctx) -> dict:
+def _run_stages(config, workdir: str, tokenizer, model_config, params, ctx) -> dict:
     """SFT (if any), then DPO, the export and the summary (`train_and_evaluate`'s body)."""
     sources = data_sources(config)
     data_counts: dict[str, Any] = {}
-    params = initial_params(model_config, loaded_params, ctx, config.seed)
 
     sft_summary = {}
     if config.sft.num_steps:
@@ -307,15 +310,16 @@ def export(config, workdir: str, model_config: ModelConfig, reference: Any, trai
     `base_model_name_or_path` is the configured HF directory, or <workdir>/hf_base (the base
     written there) when the base was trained here or came from a GGUF or a random init.
     """
-    # A quantised base (QLoRA) exports dequantised: transformers reads float weights.
-    policy = linear.dequantized(reference_lib.policy_params(reference, trainable))
+    # LoRA's kernels merge, and a quantised base dequantises, one stacked param at a time as
+    # the export writes it (`convert_hf.save_hf`): never a second float copy of the model.
+    policy = reference_lib.forward_params(reference, trainable)
     checkpoint.export_hf(os.path.join(workdir, "hf"), model_config, policy)
     if not isinstance(reference, reference_lib.AdaptersOffReference):
         return
     base_model = config.model.hf_path
     if config.sft.num_steps or config.model.source != "hf":
         base_model = os.path.join(workdir, "hf_base")
-        checkpoint.export_hf(base_model, model_config, linear.dequantized(reference.base))
+        checkpoint.export_hf(base_model, model_config, reference.base)
     checkpoint.export_peft(
         os.path.join(workdir, "peft"),
         model_config,
