@@ -1,6 +1,7 @@
 """Plan a config's DPO step on hardware you do not have: per-device memory and FLOPs, compiled.
 
     python scripts/plan.py --config=configs/llama3_8b_tpu.py --topology=v5e:16x16
+    python scripts/plan.py --config=configs/llama3_8b_tpu.py:qlora_v5e1 --topology=v5e:1x1
     python scripts/plan.py --config=configs/pretrained.py --cpu_devices=1
 
 The real update_fn is lowered on abstract inputs (nothing allocated) and compiled by the TPU
@@ -48,7 +49,7 @@ def main(argv):
             target = f"cpu:{_CPU.value}"
             devices, memory = planner.cpu_devices(_CPU.value)
         plan = planner.plan(_CONFIG.value, devices, memory, target)
-        print(planner.format_plan(plan))
+        print(planner.format_plan(plan, _HEADROOM.value))
         if _OUTPUT.value:
             with open(_OUTPUT.value, "w") as f:
                 json.dump(planner.as_dict(plan), f, indent=2)

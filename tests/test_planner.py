@@ -81,7 +81,77 @@ def test_too_small_a_device_says_by_how_much_and_what_dominates(tpu_plan):
     small = planner.dataclasses.replace(tpu_plan, device_memory_bytes=planner.GIB // 1024)
     with pytest.raises(ValueError, match=r"GiB over the .* budget .* the largest part is temp"):
         planner.check_fits(small, headroom=0.1)
+    verdict = planner.format_plan(small, headroom=0.1).splitlines()[-1]
+    assert verdict.startswith("does not fit: ") and "GiB over the" in verdict, verdict
     planner.check_fits(tpu_plan, headroom=0.1)  # the real one fits
+
+
+def _qlora_config(quantized: bool):
+    # Q4_K blocks hold 256 values: every kernel's input features (D, H·Dh, F) are 256.
+    return _config(
+        model__hidden_size=256, model__intermediate_size=256, model__num_layers=2,
+        model__num_heads=4, model__num_kv_heads=2, model__head_dim=64,
+        model__quantized=quantized, model__quantized_type="Q4_K",
+        lora__rank=4, dpo__reference="adapters_off", sft__num_steps=0,
+        model__remat=False, data__max_length=64, data__max_prompt_length=32,
+    )  # fmt: skip
+
+
+def test_qlora_plan_holds_the_base_in_q4_k_blocks():
+    # v5e-1: one chip, a slice smaller than a host (the compiler is told its host bounds).
+    devices, memory = planner.topology_devices("v5e:1x1")
+    assert len(devices) == 1 and memory == 16 * planner.GIB
+    qlora = planner.plan(_qlora_config(True), devices, memory, "v5e:1x1")
+    lora = planner.plan(_qlora_config(False), devices, memory, "v5e:1x1")  # the float base
+    config = planner.model_config_of(_qlora_config(True))
+    d, f, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, 2
+    h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    # (rows, input features) of each GGUF tensor: a Linear weight's rows are its outputs (HF's
+    # [out, in]); q, k, v, o, gate, up, down per layer, then the embedding and the lm_head.
+    layer_kernels = [(h * dh, d), (k * dh, d), (k * dh, d), (d, h * dh), (f, d), (f, d), (d, f)]
+    kernels = layers * layer_kernels + [(v, d), (v, d)]
+    q4_k_row_bytes = lambda cols: cols // 256 * 144  # noqa: E731 - ggml's block_q4_K: 144 bytes
+    block_bytes = sum(rows * q4_k_row_bytes(cols) for rows, cols in kernels)
+    weights = sum(rows * cols for rows, cols in kernels)
+    base = qlora.quantized_base
+    assert base.type_names == ("Q4_K",) and base.num_weights == weights
+    assert base.block_bytes == block_bytes and base.bits_per_weight == 4.5
+    assert base.float_bytes("float32") == 4 * weights
+    assert base.float_bytes("bfloat16") == 2 * weights
+    # The reference is the base: the blocks, an int32 type per kernel (and layer), and the
+    # float32 norms (two per layer and the final one), against float32 kernels in the LoRA plan.
+    norms = 4 * (2 * layers + 1) * d
+    assert qlora.parts["reference"] == block_bytes + 4 * (7 * layers + 2) + norms
+    assert lora.quantized_base is None and lora.parts["reference"] == 4 * weights + norms
+    # The same adapters and optimizer state train over either base; the blocks hold less.
+    assert qlora.parts["params"] == lora.parts["params"] > 0
+    assert qlora.parts["optimizer"] == lora.parts["optimizer"]
+    assert qlora.argument_bytes < lora.argument_bytes
+    report = planner.format_plan(qlora, headroom=0.1).splitlines()
+    assert report[-1].startswith("fits: ") and "of 16 GiB per device" in report[-1], report
+    assert any(line.startswith("quantised base (Q4_K): ") for line in report), report
+
+
+def test_a_quantised_type_the_kernels_do_not_divide_into_is_named():
+    devices, memory = planner.topology_devices("v5e:1x1")
+    config = _qlora_config(True)
+    with config.unlocked():
+        config.model.hidden_size = 96  # not whole Q4_K blocks of 256
+    with pytest.raises(ValueError, match=r"quantized_type='Q4_K': embedding \(\d+, 96\) cannot"):
+        planner.plan(config, devices, memory, "v5e:1x1")
+
+
+def test_a_step_the_tpu_compiler_finds_too_big_is_one_line():
+    # A 16M-token vocabulary: 4 GiB of float32 params, 8 GiB of AdamW moments, a 4 GiB frozen
+    # reference; the TPU compiler checks the chip's HBM itself and compiles nothing.
+    devices, memory = planner.topology_devices("v5e:1x1")
+    expected = (
+        r"v5e:1x1: the step does not fit; the TPU compiler says 'RESOURCE_EXHAUSTED: [^\n]*' "
+        r"\(arguments per device: params 4.00 GiB, optimizer 8.00 GiB, reference 4.00 GiB, "
+        r"batch 0.00 GiB\)"
+    )
+    with pytest.raises(ValueError, match=f"^{expected}$"):
+        planner.plan(_config(model__vocab_size=2**24), devices, memory, "v5e:1x1")
 
 
 @pytest.mark.parametrize(

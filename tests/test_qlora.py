@@ -173,3 +173,23 @@ def test_a_float_checkpoint_is_quantised_on_load_by_gguf_s_quantiser(type_name, 
     diff = np.max(np.abs(got - want)[mask])
     print(f"{type_name}: max |logit difference| {diff:.4f} of max |logit| {np.abs(want).max():.2f}")
     assert diff <= HF_LOGIT_BOUND[type_name]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_over_its_own_blocks_gives_the_dequantised_model_s_logits(
+    gguf_path, gemma3_270m
+):
+    """The packaged file's Q4_K_M blocks (Q8_0, Q5_0, Q4_K, Q6_K) read by the model against the
+    float32 model dequantised on load: measured 9.3e-5 at most over logits up to 26.9 (float32
+    rounding of the same weights summed in another order), the same greedy tokens."""
+    config, params, tokenizer = convert_gguf.load_gguf(gguf_path, quantized=True)
+    float_config, float_params, _ = gemma3_270m
+    assert {name for kernel in jax.tree.leaves(params, is_leaf=linear.is_node)
+            if isinstance(kernel, linear.Quantized) for name in kernel.type_names} == {
+        "Q8_0", "Q5_0", "Q4_K", "Q6_K"}  # fmt: skip
+    ids = tokenizer.encode("The capital of France is the city of lights, and")
+    tokens = jnp.asarray([ids], jnp.int32)
+    got = np.asarray(logits(config, jax.device_put(params), tokens))
+    want = np.asarray(logits(float_config, float_params, tokens))
+    assert np.max(np.abs(got - want)) <= 2e-4
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from dpo_jax import sharding
-from dpo_jax.models import convert_hf, init_params, load_hf, logical_axes
+from dpo_jax.models import init_params, load_hf, logical_axes, safetensors_files
 from dpo_jax.run.stage import Context
 from dpo_jax.run.train import initial_params
 
@@ -69,14 +69,14 @@ def _context(model_config, mesh, rules) -> Context:
 def _recording_reads(monkeypatch):
     """Records the shape of every block read from a safetensors file."""
     reads = []
-    original = convert_hf._LazyTensor.__getitem__
+    original = safetensors_files.LazyTensor.__getitem__
 
     def recording(self, index):
         block = original(self, index)
         reads.append((self.name, block.shape, self.shape))
         return block
 
-    monkeypatch.setattr(convert_hf._LazyTensor, "__getitem__", recording)
+    monkeypatch.setattr(safetensors_files.LazyTensor, "__getitem__", recording)
     return reads
 
 

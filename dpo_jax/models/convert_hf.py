@@ -11,13 +11,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from dpo_jax import storage
-from dpo_jax.models import linear
+from dpo_jax.models import linear, safetensors_files
 from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.safetensors_files import write_safetensors_streamed
 from dpo_jax.models.transformer import Params
 
 CONFIG_FILE = "config.json"
@@ -344,25 +342,6 @@ def linear_weight_names(config: ModelConfig) -> dict[tuple[str, int | None], str
     }
 
 
-class _LazyTensor:
-    """A tensor in a safetensors file: shape from the header, data read by `np.asarray`."""
-
-    def __init__(self, path: str, name: str):
-        self.path, self.name = path, name
-        with safe_open(path, framework="numpy") as f:
-            self.shape = tuple(f.get_slice(name).get_shape())
-
-    def __array__(self, dtype=None, copy=None):
-        with safe_open(self.path, framework="numpy") as f:
-            array = f.get_tensor(self.name)
-        return array if dtype is None else array.astype(dtype)
-
-    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        """Reads only `index` (slices with step 1) from the file, in the file's dtype."""
-        with safe_open(self.path, framework="numpy") as f:
-            return f.get_slice(self.name)[index]
-
-
 def _safetensors_files(model_dir: str) -> list[str]:
     single = os.path.join(model_dir, WEIGHTS_FILE)
     index = os.path.join(model_dir, INDEX_FILE)
@@ -405,18 +384,6 @@ def _read_json(path: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _tensor_names(path: str) -> list[str]:
-    """The tensor names of a safetensors file; a damaged file is a ValueError naming it."""
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return list(f.keys())
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
-        size = os.path.getsize(path)
-        raise ValueError(
-            f"{path}: not a readable safetensors file ({size} bytes; {e}): truncated or damaged?"
-        ) from None
-
-
 def load_hf(
     model_dir: str,
     *,
@@ -452,8 +419,8 @@ def load_hf(
     config = ModelConfig.from_hf_config(hf_config, source, **config_overrides)
     tensors = {}
     for path in _safetensors_files(model_dir):
-        for name in _tensor_names(path):
-            tensors[name] = _LazyTensor(path, name)
+        for name in safetensors_files.tensor_names(path):
+            tensors[name] = safetensors_files.LazyTensor(path, name)
     if quantized_type is not None:
         from dpo_jax.models import quantize  # it builds on this module
 
@@ -510,55 +477,3 @@ def save_hf(model_dir: str, config: ModelConfig, params: Params) -> None:
     )
     text = json.dumps(config.to_hf_config(), indent=2, sort_keys=True) + "\n"
     storage.write_text(storage.join(model_dir, CONFIG_FILE), text)
-
-
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def write_safetensors_streamed(path: str, entries, tensors, metadata: dict[str, str]) -> None:
-    """A safetensors file written one tensor at a time, in `entries`' order.
-
-    The `safetensors` package's writers take every tensor at once (a dict), which for an export
-    means a second copy of the whole model on the host; the format is an 8-byte little-endian
-    header length, a JSON header of names, dtypes, shapes and byte offsets, then the tensors'
-    bytes back to back, so with the shapes known up front the header is written first and each
-    tensor streamed after it (the file reads back with `safetensors` and transformers).
-
-    Args:
-      path: a local path or a URL.
-      entries: [(name, shape, numpy dtype)], the order the tensors come in.
-      tensors: an iterator of (name, array) in that order.
-      metadata: the header's `__metadata__`.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, shape, dtype in entries:
-        size = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[np.dtype(dtype).name],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data start 8-byte aligned, as safetensors pads
-    if not storage.is_remote(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    expected = iter(entries)
-    with storage.open_file(path, "wb") as writer:
-        writer.write(len(text).to_bytes(8, "little") + text)
-        for name, tensor in tensors:
-            want_name, want_shape, want_dtype = next(expected)
-            got = (name, tuple(tensor.shape), tensor.dtype)
-            if got != (want_name, tuple(want_shape), np.dtype(want_dtype)):
-                raise ValueError(f"{path}: tensor {got} is not the header's next, {want_name}")
-            writer.write(np.ascontiguousarray(tensor).view(np.uint8).data)
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]):
-    """A safetensors file at a local path (streamed) or a URL (serialised, then one upload)."""
-    if storage.is_remote(path):
-        storage.write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file(tensors, path, metadata=metadata)

@@ -15,7 +15,8 @@ import numpy as np
 
 from dpo_jax import storage
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.convert_hf import linear_weight_names, write_safetensors
+from dpo_jax.models.convert_hf import linear_weight_names
+from dpo_jax.models.safetensors_files import write_safetensors
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"

@@ -100,6 +100,30 @@ def _rows(data: jax.Array, type_index: jax.Array, kernel: Quantized) -> jax.Arra
     return gguf_blocks.dequantize_any(data, type_index, kernel.type_names, kernel.row_length)
 
 
+# Values decoded at once when a whole unstacked table is read (the tied unembedding): the
+# decoders' int32 fields and float32 values of a [262144, 640] table are GBs; in row chunks
+# (`jax.lax.map`) each chunk is cast to the compute dtype before the next is decoded.
+_DECODE_CHUNK_VALUES = 1 << 22
+
+
+def _row_chunks(rows: int, cols: int) -> int:
+    """The fewest chunks dividing `rows` with at most _DECODE_CHUNK_VALUES values each."""
+    count = max(1, -(-rows * cols // _DECODE_CHUNK_VALUES))
+    while rows % count:
+        count += 1
+    return count
+
+
+def _dequantized_table(kernel: Quantized, dtype: Any) -> jax.Array:
+    """An unstacked quantised kernel in `dtype`, decoded in row chunks."""
+    rows, row_bytes = kernel.data.shape
+    count = _row_chunks(rows, kernel.row_length)
+    chunks = kernel.data.reshape(count, rows // count, row_bytes)
+    decode = lambda chunk: _rows(chunk, kernel.type_index, kernel).astype(dtype)
+    values = jax.lax.map(decode, chunks).reshape(rows, kernel.row_length)
+    return (values.T if kernel.transposed else values).reshape(kernel.kernel_shape)
+
+
 def _dequantized(kernel: Quantized) -> jax.Array:
     """float32 in the model's layout, [*stack, *kernel_shape]."""
 
@@ -147,6 +171,8 @@ def dense(kernel: Any, dtype: Any) -> jax.Array:
     """The kernel as one array in `dtype`: itself, dequantised, or W + s·A·B (for a layer that
     needs the weight whole, like the unembedding; its gradient then flows to A and B)."""
     if isinstance(kernel, Quantized):
+        if kernel.type_index.ndim == 0:
+            return _dequantized_table(kernel, dtype)
         return _dequantized(kernel).astype(dtype)
     if isinstance(kernel, Adapted):
         base = dense(jax.lax.stop_gradient(kernel.base), jnp.float32)
