@@ -29,16 +29,17 @@ Variant `qlora_v5e1`: QLoRA DPO on one 16 GiB chip (TPU v5e-1):
 
 The base is held in Q4_K blocks (4.5 bits a weight: 4.2 GiB for the 8.03e9 weights, where
 float32 would take 29.9 GiB and bfloat16 15.0 GiB), dequantised one layer at a time inside the
-layer scan; rank-16 LoRA adapters on the seven Linear kernels of every layer (42M params)
-train in float32, the reference is the base with the adapters off. One pair of 4,096 tokens a
-step. The planner builds the blocks' shapes from the model's (no file is read); for a real run
-set model.source="gguf" and model.gguf_path to a Llama 3 8B GGUF (Q4_K_M's mix of Q4_K and
-Q6_K is what the file holds). The TPU compiler's verdict (2026-12-04): it fits, 11.25 GiB per chip of 16
-(4.21 GiB of blocks in the reference, 0.47 GiB of adapters and RMSprop moments, 6.53 GiB of
-temporaries), 3.15 GiB under the planner's 90% budget. The untied lm_head is dequantised in row
-chunks (`linear._dequantized_table`): dequantised whole, its int32 and float32 intermediates
-took about 6 GiB and the step needed 18.56 GiB of temporaries. The same LoRA over the
-float32 weights (model.quantized=False: 29.9 GiB of reference) does not fit one chip either.
+layer scan; rank-16 LoRA adapters on the seven Linear kernels of every layer (42M params) train
+in float32, the reference is the base with the adapters off. One pair of 4,096 tokens a step.
+The planner builds the blocks' shapes from the model's (no file is read). A real run needs the
+base from a file: an HF checkpoint quantised on load (model.source="hf", quantized_type "Q4_0"),
+or a Llama 3 8B GGUF once convert_gguf.py reads Llama's tensors (Gemma 3 only today). The TPU
+compiler's verdict (2026-12-04): it fits, 11.25 GiB per chip of 16 (4.21 GiB of blocks in the
+reference, 0.47 GiB of adapters and RMSprop moments, 6.53 GiB of temporaries), 3.15 GiB under
+the planner's 90% budget. The untied lm_head is dequantised in row chunks
+(`linear._dequantized_table`): dequantised whole, its int32 and float32 intermediates took about
+6 GiB and the step needed 18.56 GiB of temporaries. The same LoRA over the float32 weights
+(model.quantized=False: 29.9 GiB of reference) does not fit one chip either.
 """
 
 import importlib.util
