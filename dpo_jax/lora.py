@@ -135,8 +135,7 @@ def _factor_shapes(name: str, shape: tuple[int, ...], rank: int):
     layered = name.split("/")[0] == LAYERS_KEY
     lead = shape[:1] if layered else ()
     axes = shape[len(lead) :]
-    num_in = KERNEL_INPUT_AXES[name.split("/")[-1]]
-    fan_in, fan_out = math.prod(axes[:num_in]), math.prod(axes[num_in:])
+    fan_in, fan_out = linear.fan_in_out(axes, KERNEL_INPUT_AXES[name.split("/")[-1]])
     return (*lead, fan_in, rank), (*lead, rank, fan_out)
 
 
@@ -164,12 +163,6 @@ def init_adapters(params: Any, spec: LoraSpec, rng: jax.Array) -> dict[str, Any]
         lora_a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
         _set(adapters, name, {"lora_a": lora_a, "lora_b": jnp.zeros(b_shape, jnp.float32)})
     return adapters
-
-
-def delta(adapter: dict[str, jax.Array], shape: tuple[int, ...], scale: float) -> jax.Array:
-    """scale · A @ B reshaped to the kernel's `shape`, float32."""
-    product = jnp.einsum("...ir,...ro->...io", adapter["lora_a"], adapter["lora_b"])
-    return (scale * product).reshape(shape)
 
 
 def _adapter_at(adapters: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any] | None:
@@ -204,9 +197,8 @@ def attach(
             key = jax.random.fold_in(dropout_rng, names[name])
             if name.split("/")[0] == LAYERS_KEY:
                 key = jax.random.split(key, kernel.shape[0])  # one per layer of the stack
-        num_in = KERNEL_INPUT_AXES[name.split("/")[-1]]
         return linear.Adapted(
-            kernel, adapter["lora_a"], adapter["lora_b"], key, spec.scale, spec.dropout, num_in
+            kernel, adapter["lora_a"], adapter["lora_b"], key, spec.scale, spec.dropout
         )
 
     return jax.tree_util.tree_map_with_path(attached, base, is_leaf=linear.is_node)
@@ -241,13 +233,14 @@ def merge(base: Any, adapters: dict[str, Any], spec: LoraSpec) -> Any:
     result equals `base` exactly. Pure: `base` is read, never written.
     """
 
-    def merged(path, kernel):
-        node = _adapter_at(adapters, path)
-        if node is None:
-            return kernel
-        return linear.dense(kernel, jnp.float32) + delta(node, kernel.shape, spec.scale)
-
-    return jax.tree_util.tree_map_with_path(merged, base, is_leaf=linear.is_node)
+    # `linear.dense` of an attached kernel is the one implementation of W + s·A·B.
+    return jax.tree.map(
+        lambda kernel: (
+            linear.dense(kernel, jnp.float32) if isinstance(kernel, linear.Adapted) else kernel
+        ),
+        attach(base, adapters, spec),
+        is_leaf=linear.is_node,
+    )
 
 
 def num_params(tree: Any) -> int:

@@ -30,7 +30,7 @@ TOLERANCE = 1e-4  # max abs logit difference, float32 (as tests/test_convert_hf.
 # these logits (std ~3, max ~15) moves them by up to ~1e-4 in float32.
 PEFT_TOLERANCE = 3e-4
 # The unmerged layers add s·(x·A)·B to x·W where the merged ones multiply x by W + s·A·B: the
-# same rounding gap, measured up to 3.4e-5 on these families (qwen2, logits up to ~40).
+# same rounding gap, measured up to 3.05e-5 at the real tokens (llama3_rope_tied_bias).
 UNMERGED_TOLERANCE = 1e-4
 ALL_LINEAR = ("attn/[qkvo]_kernel", "mlp/(gate|up|down)_kernel", "lm_head")
 
@@ -90,6 +90,7 @@ def test_unmerged_merged_and_peft_give_the_logits_of_base_plus_adapters(name, tm
     assert np.max(np.abs(ours - _our_logits(config, base, tokens, mask))[mask]) > 0.1
     unmerged = _our_logits(config, lora.attach(base, adapters, spec), tokens, mask)
     unmerged_diff = np.max(np.abs(unmerged - ours)[mask])
+    print(f"{name}: unmerged vs merged logits differ by {unmerged_diff:.2e}")  # docs/lora.md
     assert unmerged_diff <= UNMERGED_TOLERANCE, f"{name}: unmerged differs by {unmerged_diff:.2e}"
     batch = _pair_batch(tokens, mask)
     got, got_grads = _loss_and_grads(config, base, adapters, spec, batch)
@@ -198,7 +199,7 @@ def test_adapter_dropout_is_peft_s_against_numpy():
     lora_a = rng.normal(size=(12, 4)).astype(np.float32)
     lora_b = rng.normal(size=(4, 15)).astype(np.float32)
     key, p, scale = jax.random.key(7), 0.25, 0.5
-    adapted = linear.Adapted(base, lora_a, lora_b, key, scale, p, 1)
+    adapted = linear.Adapted(base, lora_a, lora_b, key, scale, p)
     got = np.asarray(linear.project(jnp.asarray(tokens), adapted, "nd,dhk->nhk"))
     keep = np.asarray(jax.random.bernoulli(key, 1 - p, tokens.shape))
     assert abs(keep.mean() - (1 - p)) < 0.05
@@ -207,7 +208,7 @@ def test_adapter_dropout_is_peft_s_against_numpy():
         64, 3, 5
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    no_key = linear.Adapted(base, lora_a, lora_b, None, scale, p, 1)
+    no_key = linear.Adapted(base, lora_a, lora_b, None, scale, p)
     got = np.asarray(linear.project(jnp.asarray(tokens), no_key, "nd,dhk->nhk"))
     want = np.einsum("nd,dhk->nhk", tokens, base) + scale * ((tokens @ lora_a) @ lora_b).reshape(
         64, 3, 5

@@ -60,7 +60,7 @@ def test_the_quantised_model_is_the_dequantised_one(tiny_gguf):
     tensor = next(t for t in gguf.GGUFReader(tiny_gguf).tensors if t.name == "blk.1.attn_v.weight")
     raw = np.asarray(tensor.data).view(np.uint8).reshape(tensor.data.shape[0], -1)
     np.testing.assert_array_equal(np.asarray(v_kernel.data[1])[:, : raw.shape[1]], raw)
-    jax.tree.map(np.testing.assert_array_equal, linear.dequantized(params), float_params)
+    jax.tree.map(np.testing.assert_array_equal, linear.dense_params(params), float_params)
     tokens = _tokens(config.vocab_size)
     got = logits(config, jax.device_put(params), tokens)
     want = logits(config, float_params, tokens)
@@ -164,7 +164,7 @@ def test_a_float_checkpoint_is_quantised_on_load_by_gguf_s_quantiser(type_name, 
     weight = model.state_dict()["model.layers.1.self_attn.q_proj.weight"].numpy()
     raw = gguf.quants.quantize(weight, kind)
     np.testing.assert_array_equal(np.asarray(q_kernel.data[1]), raw)
-    dequantized = linear.dequantized(params)["layers"]["attn"]["q_kernel"][1]
+    dequantized = linear.dense_params(params)["layers"]["attn"]["q_kernel"][1]
     expected = gguf.quants.dequantize(raw, kind).T.reshape(q_kernel.kernel_shape)
     np.testing.assert_array_equal(np.asarray(dequantized), expected)
     tokens, mask = _padded_batch(config.vocab_size, seed=2)
@@ -191,5 +191,10 @@ def test_gemma3_270m_over_its_own_blocks_gives_the_dequantised_model_s_logits(
     tokens = jnp.asarray([ids], jnp.int32)
     got = np.asarray(logits(config, jax.device_put(params), tokens))
     want = np.asarray(logits(float_config, float_params, tokens))
-    assert np.max(np.abs(got - want)) <= 2e-4
+    diff = np.max(np.abs(got - want))
+    print(
+        f"Gemma 3 270M blocks vs float32: max |logit difference| {diff:.2e}, "
+        f"max |logit| {np.max(np.abs(want)):.1f}"
+    )  # fmt: skip  (docs/lora.md quotes it)
+    assert diff <= 2e-4
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))

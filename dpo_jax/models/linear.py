@@ -47,7 +47,6 @@ class Adapted:
       dropout_key: a PRNG key (one per layer when stacked), or None for no dropout.
       scale: alpha / r.
       dropout: p, the probability of zeroing an input of the adapter path.
-      num_in: how many of the kernel's (unstacked) axes are inputs.
     """
 
     base: Any
@@ -56,7 +55,6 @@ class Adapted:
     dropout_key: jax.Array | None
     scale: float = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(metadata=dict(static=True))
-    num_in: int = dataclasses.field(metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -149,12 +147,11 @@ def is_node(value: Any) -> bool:
     return isinstance(value, (Adapted, Quantized))
 
 
-def dequantized(params: Any) -> Any:
-    """`params` with every `Quantized` kernel as a float32 array (for export and inspection)."""
+def dense_params(params: Any, dtype: Any = jnp.float32) -> Any:
+    """`params` with every kernel of this module as one array (`dense`: dequantised, LoRA's
+    merged); plain arrays as they are."""
     return jax.tree.map(
-        lambda leaf: _dequantized(leaf) if isinstance(leaf, Quantized) else leaf,
-        params,
-        is_leaf=lambda leaf: isinstance(leaf, Quantized),
+        lambda leaf: dense(leaf, dtype) if is_node(leaf) else leaf, params, is_leaf=is_node
     )
 
 
