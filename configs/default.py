@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"  # storage dtype of params: float32, bfloat16
     config.model.remat = False  # recompute each layer's activations in the backward pass
     config.model.attention_impl = "xla"  # "xla" or "cudnn" (NVIDIA GPUs only)
+    config.model.attention_query_chunk = 0  # mesh.sequence > 1: queries a block; 0 = all at once
     config.model.logits_chunk_size = 0  # token rows per log-prob chunk; 0 = full [N, T, V] logits
 
     # Data
@@ -225,6 +226,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.data = -1  # data-parallel axis size; -1 = all remaining devices
     config.mesh.fsdp = 1  # params sharded along "embed" and batch split over it; -1 = the rest
     config.mesh.tensor = 1  # tensor-parallel axis size (heads, MLP, vocabulary); -1 = the rest
+    config.mesh.sequence = 1  # context parallelism: rows split along T over it; -1 = the rest
     config.mesh.num_devices = -1  # use the first N devices; -1 = all
     config.mesh.rules = DEFAULT_RULES  # (logical axis, mesh axis or None) pairs
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from dpo_jax.sharding import BATCH_AXES
+from dpo_jax.sharding import BATCH_AXES, SEQUENCE_AXIS, sequence_shards
 
 _BATCH_KEYS = ("tokens", "response_mask", "positions", "segment_ids")
 
@@ -207,7 +207,8 @@ def chunked_token_logps(
       chunk_size: token rows per chunk on each device, > 0 (N·P ≈ chunk_size, N counting the
         rows of one batch shard).
       final_logit_softcapping: the model's logit soft-cap, or None (see `logprob_fn`).
-      mesh: the mesh whose batch axes (`sharding.BATCH_AXES`) split N; None: the mesh in
+      mesh: the mesh whose batch axes (`sharding.BATCH_AXES`) split N, and whose "sequence"
+        axis, if any, splits T (context parallelism); None: the mesh in
         context (`jax.set_mesh`), if any. With batch shards, the loop runs inside `shard_map`
         over them, so each device accumulates its share of the unembedding's gradient locally
         and it is summed across devices once, after the loop (XLA's own partitioning of the
@@ -233,20 +234,23 @@ def chunked_token_logps(
         )
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    split_rows = sequence_shards(mesh) > 1
     local = functools.partial(
         _local_chunked_token_logps,
         chunk_size=chunk_size,
         final_logit_softcapping=final_logit_softcapping,
     )
-    if not axes:
+    if not axes and not split_rows:
         return local(hidden, unembedding, targets)
-    rows = PartitionSpec(axes)
+    # Rows over the batch axes and, under context parallelism, each row's positions over
+    # "sequence": every device scores its own slice of tokens, no hidden state is gathered.
+    rows = PartitionSpec(axes or None, SEQUENCE_AXIS if split_rows else None)
     sharded = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(rows, PartitionSpec(), rows),
         out_specs=rows,
-        axis_names=set(axes),
+        axis_names=set(axes) | ({SEQUENCE_AXIS} if split_rows else set()),
         check_vma=False,
     )
     return sharded(hidden, unembedding, targets)

@@ -16,21 +16,38 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 # A batch row (one preference pair or one packed row of pairs) lives on one (data, fsdp) shard;
-# its chosen/rejected axis and its tokens are never split, so a pair never crosses devices.
+# its chosen/rejected axis is never split, so a pair's two rows stay on the same devices.
 BATCH_AXES = ("data", "fsdp")
+# Context parallelism: the token axis T of every row (and of every activation [N, T, ...]) is
+# split over "sequence"; attention gathers keys and values along it (`models.context_parallel`).
+SEQUENCE_AXIS = "sequence"
+# The batch arrays whose last axis is the token axis T ([B, 2, T]), split over SEQUENCE_AXIS.
+TOKEN_KEYS = ("tokens", "response_mask", "positions", "segment_ids")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """Sizes of the (data, fsdp, tensor) axes, one -1 standing for "all remaining devices".
+def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Sizes of the mesh axes (MESH_AXES; an axis not given is 1), one -1 standing for "all
+    remaining devices".
+
+    Args:
+      sizes: {axis name: size}, e.g. {"data": -1, "fsdp": 1, "tensor": 1}.
+      num_devices: the devices the mesh must use.
+
+    Returns:
+      {axis: size} for every axis of MESH_AXES, in that order.
 
     Raises:
-      ValueError: on more than one -1, a size < 1 otherwise, or a product != num_devices.
+      ValueError: on an unknown axis, more than one -1, a size < 1 otherwise, or a product !=
+        num_devices.
     """
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh {sizes}: unknown axes {unknown}; the axes are {MESH_AXES}")
+    sizes = {name: sizes.get(name, 1) for name in MESH_AXES}
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
         raise ValueError(f"mesh {sizes}: at most one axis may be -1 (found {free})")
@@ -49,19 +66,27 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
         raise ValueError(
             f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are used"
         )
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    return sizes
 
 
 def make_mesh(
-    data: int, fsdp: int, tensor: int, *, num_devices: int = -1, devices: Sequence | None = None
+    data: int,
+    fsdp: int,
+    tensor: int,
+    *,
+    sequence: int = 1,
+    num_devices: int = -1,
+    devices: Sequence | None = None,
 ) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axis types (see the module docstring).
+    """A MESH_AXES mesh ("data", "fsdp", "sequence", "tensor") with Auto axis types (see the
+    module docstring).
 
     Args:
-      data: the "data" axis size; one of the three sizes may be -1 for "the remaining
+      data: the "data" axis size; one of the four sizes may be -1 for "the remaining
         devices".
       fsdp: the "fsdp" axis size.
       tensor: the "tensor" axis size.
+      sequence: the "sequence" axis size (context parallelism; 1: rows are not split).
       num_devices: use the first `num_devices` devices (-1: all of them).
       devices: the devices to choose from (default `jax.devices()`).
 
@@ -73,13 +98,21 @@ def make_mesh(
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"mesh.num_devices={num_devices} must be -1 or in [1, {len(devices)}]")
         devices = devices[:num_devices]
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    sizes = dict(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
+    shape = resolve_mesh_shape(sizes, len(devices))
     return jax.make_mesh(
-        shape,
+        tuple(shape.values()),
         MESH_AXES,
         axis_types=(AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def sequence_shards(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+    """The size of the mesh's SEQUENCE_AXIS (1 for a mesh without one or no mesh)."""
+    if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[SEQUENCE_AXIS]
 
 
 def _mesh_axes_of(logical: str | None, rules: dict, where: str):
@@ -197,9 +230,32 @@ def num_batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Sharding of a batch array [B, ...]: B over (data, fsdp), every other axis whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def constrain_split_rows(x: jax.Array) -> jax.Array:
+    """Under context parallelism (the mesh in context has "sequence" > 1), pins an activation
+    [N, T, ...] to rows over the batch axes and T over "sequence"; else returns x as it is.
+
+    XLA's propagation alone let the layers' activations drift to whole rows (it all-gathered
+    [N, T, D] around the attention's shard_map); pinning the residual stream keeps them split.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if sequence_shards(mesh) == 1:
+        return x
+    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    spec = PartitionSpec(batch_axes, SEQUENCE_AXIS, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_spec(mesh: Mesh, ndim: int, *, token_axis: bool = False) -> PartitionSpec:
+    """[B, ...] over (data, fsdp); with `token_axis`, the last axis (T) over "sequence" too."""
+    spec = [BATCH_AXES, *([None] * (ndim - 1))]
+    if token_axis and sequence_shards(mesh) > 1:
+        spec[-1] = SEQUENCE_AXIS
+    return PartitionSpec(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, token_axis: bool = False) -> NamedSharding:
+    """Sharding of a batch array [B, ...]: see `batch_spec`."""
+    return NamedSharding(mesh, batch_spec(mesh, ndim, token_axis=token_axis))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -208,19 +264,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_shardings(batch: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
-    """batch_sharding for each array of a batch dict (by its rank)."""
-    return {key: batch_sharding(mesh, np.ndim(value)) for key, value in batch.items()}
+    """batch_sharding for each array of a batch dict (by its rank; TOKEN_KEYS split along T)."""
+    return {
+        key: batch_sharding(mesh, np.ndim(value), token_axis=key in TOKEN_KEYS)
+        for key, value in batch.items()
+    }
+
+
+def check_row_length(length: int, mesh: Mesh, what: str = "config.data.max_length") -> None:
+    """Raises ValueError unless a row of `length` tokens splits evenly over "sequence".
+
+    Raises:
+      ValueError: naming both numbers.
+    """
+    shards = sequence_shards(mesh)
+    if length % shards:
+        raise ValueError(
+            f"{what}={length} tokens a row must be divisible by the mesh's sequence axis "
+            f"({shards}): each shard holds an equal slice of every row"
+        )
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Places a host batch (the global batch on one process, this host's rows on several).
 
+    Token arrays (TOKEN_KEYS) are split along T over "sequence" as well; with several processes
+    each process passes its rows whole, so the sequence axis must lie within a host (it does
+    with `make_mesh`'s axis order, "sequence" and "tensor" innermost, when sequence × tensor
+    divides the devices of a host).
+
     Raises:
-      ValueError: if the batch size is not divisible by data × fsdp.
+      ValueError: if the batch size is not divisible by data × fsdp, or the row length by the
+        sequence axis.
     """
     first = next(iter(batch.values()))
     check_batch_size(np.shape(first)[0] * jax.process_count(), mesh)
+    if "tokens" in batch:
+        check_row_length(np.shape(batch["tokens"])[-1], mesh, what="batch['tokens'] length")
+    shardings = batch_shardings(batch, mesh)
     return {
-        key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), value)
+        key: jax.make_array_from_process_local_data(shardings[key], value)
         for key, value in batch.items()
     }

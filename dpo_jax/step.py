@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import reference as reference_lib
+from dpo_jax import sharding
 from dpo_jax.logprobs import LogProbs, logprob_fn, next_token_targets
 from dpo_jax.losses import (
     LOSS_VARIANTS,
@@ -36,7 +37,6 @@ from dpo_jax.losses import (
     sequence_log_unlikelihoods,
     wpo_log_weights,
 )
-from dpo_jax.sharding import BATCH_AXES
 
 # Batch keys that have the batch axis first and travel to the model (ref_logps is optional).
 BATCH_KEYS = ("tokens", "response_mask", "positions", "segment_ids", "pair_mask")
@@ -343,14 +343,14 @@ def _split_microbatches(batch: dict[str, jax.Array], num: int, mesh: Mesh) -> di
     stay on that device in every micro-batch (a contiguous block would live on a few devices).
     """
 
-    def split(x):
+    def split(key, x):
         rows = x.shape[0] // num
         x = x.reshape(rows, num, *x.shape[1:])  # [B / num, num, ...]
         x = jnp.swapaxes(x, 0, 1)  # [num, B / num, ...]
-        spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        spec = sharding.batch_spec(mesh, x.ndim - 1, token_axis=key in sharding.TOKEN_KEYS)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, *spec)))
 
-    return {key: split(value) for key, value in batch.items()}
+    return {key: split(key, value) for key, value in batch.items()}
 
 
 def update_fn(

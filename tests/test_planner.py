@@ -39,7 +39,12 @@ def tpu_plan():
 
 
 def test_tpu_plan_compiles_the_step_with_splash_kernels(tpu_plan):
-    assert tpu_plan.num_devices == 4 and tpu_plan.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert tpu_plan.num_devices == 4 and tpu_plan.mesh_shape == {
+        "data": 1,
+        "fsdp": 4,
+        "sequence": 1,
+        "tensor": 1,
+    }
     assert tpu_plan.device_memory_bytes == 16 * planner.GIB
     assert "tpu_custom_call" in tpu_plan.custom_calls, "splash's Pallas kernels are not in it"
     # AdamW keeps two moments shaped and sharded like the params (plus a 4-byte step count);
@@ -72,7 +77,7 @@ def test_model_flops_per_device(tpu_plan):
 def test_cpu_plan_on_eight_devices():
     devices, memory = planner.cpu_devices(8)
     plan = planner.plan(_config(mesh__data=8, mesh__fsdp=1), devices, memory, "cpu:8")
-    assert plan.mesh_shape == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert plan.mesh_shape == {"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}
     assert plan.parts["params"] == plan.parts["reference"]  # replicated over data: whole params
     assert plan.total_bytes < memory
 

@@ -30,7 +30,10 @@ RULES = (
     ],
 )
 def test_resolve_mesh_shape(sizes, devices, expected):
-    assert sharding.resolve_mesh_shape(*sizes, devices) == expected
+    names = ("data", "fsdp", "tensor")
+    resolved = sharding.resolve_mesh_shape(dict(zip(names, sizes, strict=True)), devices)
+    assert tuple(resolved[name] for name in names) == expected
+    assert resolved["sequence"] == 1
 
 
 @pytest.mark.parametrize(
@@ -44,14 +47,17 @@ def test_resolve_mesh_shape(sizes, devices, expected):
 )
 def test_resolve_mesh_shape_errors(sizes, devices, message):
     with pytest.raises(ValueError, match=message):
-        sharding.resolve_mesh_shape(*sizes, devices)
+        sharding.resolve_mesh_shape(
+            dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)), devices
+        )
 
 
 def test_mesh_axes_are_auto_and_named():
     mesh = sharding.make_mesh(2, 4, 1)
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 4
+    assert dict(sharding.make_mesh(2, 1, 1, sequence=-1).shape)["sequence"] == 4
     assert sharding.make_mesh(1, 1, 1, num_devices=1).devices.size == 1
     with pytest.raises(ValueError, match="num_devices=9"):
         sharding.make_mesh(-1, 1, 1, num_devices=9)

@@ -163,6 +163,7 @@ def _model_of(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
             param_dtype=config.model.param_dtype,
             remat=config.model.remat,
             attention_impl=config.model.attention_impl,
+            attention_query_chunk=config.model.attention_query_chunk,
         )
         source = os.path.join(config.model.hf_path, "config.json")
         hf_config = read_hf_config(config.model.hf_path)
@@ -306,16 +307,11 @@ def plan(config: ml_collections.ConfigDict, devices: list, device_memory_bytes: 
 
     Raises:
         ValueError: a mesh that does not divide the devices, batch sizes that do not divide
-            over the mesh's batch shards, or a step the TPU compiler finds too big for a chip.
+            over the mesh's batch shards, a row length that does not divide over its sequence
+            axis, or a step the TPU compiler finds too big for a chip.
     """
     train.check_config(config, planning=True)
-    mesh = sharding.make_mesh(
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices
-    )
-    micro_batch = config.data.batch_size // config.optimizer.grad_accum_steps
-    sharding.check_batch_size(
-        micro_batch, mesh, what="config.data.batch_size / config.optimizer.grad_accum_steps"
-    )
+    mesh = train.make_mesh(config, devices=devices)
     model_config, loaded = _model_of(config)
     params = abstract_params_of(config, model_config, loaded)
     # A quantised base's bytes are replicated, as training places them (`loaded` shapes them).

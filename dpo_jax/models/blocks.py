@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import layers, linear
+from dpo_jax import sharding
+from dpo_jax.models import context_parallel, layers, linear
 from dpo_jax.models.config import ModelConfig
 
 _INIT_STDDEV = 0.02  # transformers' initializer_range default
@@ -95,11 +96,11 @@ class Attention(nnx.Module):
         config = self.config
         dtype = x.dtype
         batch, length, _ = x.shape
-        tokens = x.reshape(batch * length, -1)  # [B*T, D]: 2-D GEMMs, see layers.gated_mlp
+        tokens = layers.flatten_tokens(x)  # [B*T, D]: 2-D GEMMs, see layers.gated_mlp
 
         def project(kernel):
             out = linear.project(tokens, kernel.get_value(), "nd,dhk->nhk")
-            return out.reshape(batch, length, *out.shape[1:])  # [B, T, heads, Dh]
+            return layers.unflatten_tokens(out, batch, length)  # [B, T, heads, Dh]
 
         query = project(self.q_kernel)
         key = project(self.k_kernel)
@@ -116,9 +117,9 @@ class Attention(nnx.Module):
     def output(self, attended: jax.Array) -> jax.Array:
         """Attention outputs [B, T, H, Dh] -> [B, T, D] through the output projection."""
         batch, length = attended.shape[:2]
-        out = attended.reshape(batch * length, *attended.shape[2:])  # [B*T, H, Dh]
+        out = layers.flatten_tokens(attended)  # [B*T, H, Dh]
         out = linear.project(out, self.o_kernel.get_value(), "nhk,hkd->nd")
-        out = out.reshape(batch, length, -1)
+        out = layers.unflatten_tokens(out, batch, length)
         if self.config.o_bias:
             out = out + self.o_bias[...].astype(out.dtype)[None, None]
         return out
@@ -142,6 +143,27 @@ class Attention(nnx.Module):
         """
         config = self.config
         query, key, value = self.project(x, cos_sin)
+        mesh = jax.sharding.get_abstract_mesh()
+        if sharding.sequence_shards(mesh) > 1:  # rows split along T (context parallelism)
+            if config.attention_impl != "xla":
+                raise ValueError(
+                    f"attention_impl={config.attention_impl!r} under a mesh with a sequence axis "
+                    f"of {sharding.sequence_shards(mesh)}: context parallelism supports 'xla' only"
+                )
+            out = context_parallel.attention(
+                query,
+                key,
+                value,
+                segment_ids,
+                sliding_window=select_kind(
+                    config, sliding, context_parallel.NO_WINDOW, config.sliding_window
+                ),
+                scale=config.attention_scale,
+                softcap=config.attn_logit_softcapping,
+                mesh=mesh,
+                query_chunk=config.attention_query_chunk,
+            )
+            return self.output(out)
         if config.attention_impl == "xla":
             out = layers.dot_product_attention(
                 query,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import sharding
 from dpo_jax.models import linear
 
 # Added to masked attention scores. Finite, so a row with every key masked (a padding query)
@@ -99,7 +100,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Array:
+def attention_mask(
+    segment_ids: jax.Array,
+    sliding_window: int | None | jax.Array,
+    *,
+    key_segment_ids: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
+) -> jax.Array:
     """Which keys each query may see: same segment (> 0), causal, within the window.
 
     A query at index i sees a key at index j when segment_ids agree and are > 0, j <= i, and,
@@ -107,19 +114,23 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Ar
     Indices, not position ids, define causality, so packed rows need no special case.
 
     Args:
-        segment_ids: [B, T] int32; 0 on padding.
-        sliding_window: window length, or None for full causal attention.
+        segment_ids: [B, T] int32 of the queries; 0 on padding.
+        sliding_window: window length, or None for full causal attention (an int32 scalar
+            array may stand for either, a huge value meaning no window).
+        key_segment_ids: [B, S] int32 of the keys (default: the queries', S = T).
+        query_offset: the row index of the first query (a shard's slice of a row under
+            context parallelism); key indices start at 0.
 
     Returns:
-        [B, T, T] bool, [batch, query, key].
+        [B, T, S] bool, [batch, query, key].
     """
-    length = segment_ids.shape[1]
-    query_index = jnp.arange(length)[:, None]
-    key_index = jnp.arange(length)[None, :]
+    key_segment_ids = segment_ids if key_segment_ids is None else key_segment_ids
+    query_index = query_offset + jnp.arange(segment_ids.shape[1])[:, None]
+    key_index = jnp.arange(key_segment_ids.shape[1])[None, :]
     allowed = key_index <= query_index
     if sliding_window is not None:
         allowed = allowed & (query_index - key_index < sliding_window)
-    same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (
+    same_segment = (segment_ids[:, :, None] == key_segment_ids[:, None, :]) & (
         segment_ids[:, :, None] > 0
     )
     return same_segment & allowed[None, :, :]
@@ -201,6 +212,26 @@ def cudnn_attention(
     )
 
 
+def flatten_tokens(x: jax.Array) -> jax.Array:
+    """[B, T, ...] -> [B·T, ...], the token axis of the 2-D GEMMs (see `gated_mlp`).
+
+    Under context parallelism (T split over the mesh's "sequence" axis) the flattening is
+    T-major, [T·B, ...]: a merged axis can stay sharded only when its major part is the sharded
+    one, and B-major order made XLA all-gather every row's [T, D] activations around each
+    projection. `unflatten_tokens` undoes either order.
+    """
+    if sharding.sequence_shards(jax.sharding.get_abstract_mesh()) > 1:
+        x = jnp.swapaxes(x, 0, 1)
+    return x.reshape(-1, *x.shape[2:])
+
+
+def unflatten_tokens(x: jax.Array, batch: int, length: int) -> jax.Array:
+    """[B·T, ...] of `flatten_tokens` -> [B, T, ...]."""
+    if sharding.sequence_shards(jax.sharding.get_abstract_mesh()) > 1:
+        return jnp.swapaxes(x.reshape(length, batch, *x.shape[1:]), 0, 1)
+    return x.reshape(batch, length, *x.shape[1:])
+
+
 def gated_mlp(
     x: jax.Array,
     gate_kernel: Any,
@@ -221,11 +252,11 @@ def gated_mlp(
     """
     # 2-D matmuls over all tokens: XLA then computes the weight gradients as plain
     # transposed-operand GEMMs, where [B, T, F] einsums made it copy activations (measured on CPU).
-    tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]
+    tokens = flatten_tokens(x)  # [B*T, D]
     gate = linear.project(tokens, gate_kernel, "nd,df->nf")
     up = linear.project(tokens, up_kernel, "nd,df->nf")
     if activation == "silu":
         hidden = jax.nn.silu(gate) * up
     else:
         hidden = jax.nn.gelu(gate, approximate=True) * up
-    return linear.project(hidden, down_kernel, "nf,fd->nd").reshape(x.shape)
+    return unflatten_tokens(linear.project(hidden, down_kernel, "nf,fd->nd"), *x.shape[:2])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax import sharding
 from dpo_jax.models import kv_cache, layers, linear
 from dpo_jax.models.blocks import Block, RMSNorm, normal_param
 from dpo_jax.models.config import ModelConfig
@@ -89,12 +90,13 @@ class Transformer(nnx.Module):
         def body(x, layer):
             layer_params, sliding = layer
             block = nnx.merge(graphdef, layer_params)
-            return block(x, rope, segment_ids, masks, sliding), None
+            return sharding.constrain_split_rows(block(x, rope, segment_ids, masks, sliding)), None
 
         if config.remat:
             body = jax.checkpoint(body, prevent_cse=False, policy=_remat_policy(config))
-        x, _ = jax.lax.scan(body, self._embed(tokens), (stacked, sliding_flags(config)))
-        return self.final_norm(x), self._unembedding()
+        x = sharding.constrain_split_rows(self._embed(tokens))  # [N, T, D]
+        x, _ = jax.lax.scan(body, x, (stacked, sliding_flags(config)))
+        return sharding.constrain_split_rows(self.final_norm(x)), self._unembedding()
 
     def decode(
         self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: kv_cache.KVCache
@@ -165,7 +167,10 @@ def _rope_and_masks(config: ModelConfig, positions: jax.Array, segment_ids: jax.
     """cos/sin and [B, T, T] masks for the two layer kinds, computed once per forward."""
     rope = _rope(config, positions)
     masks = {"full": None, "sliding": None}
-    if config.attention_impl == "xla":
+    # Under context parallelism each layer builds its [B, T / C, T] mask from the gathered
+    # segment ids (`context_parallel`); a [B, T, T] one would be the full row's.
+    split_rows = sharding.sequence_shards(jax.sharding.get_abstract_mesh()) > 1
+    if config.attention_impl == "xla" and not split_rows:
         masks["full"] = layers.attention_mask(segment_ids, None)
         if "sliding_attention" in config.layer_types:
             masks["sliding"] = layers.attention_mask(segment_ids, config.sliding_window)

@@ -72,6 +72,7 @@ def check_config(config: ml_collections.ConfigDict, *, planning: bool = False) -
     )
     _check_positive(config, ("checkpoint.every_steps", "checkpoint.keep", "log.every_steps"))
     _check_model(config.model)
+    _check_mesh(config)
     _check_loss(config.dpo)
     _check_reference(config.dpo)
     _check_lora(config)
@@ -150,8 +151,39 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.model.attention_impl={model.attention_impl!r}; allowed: {ATTENTION_IMPLS}"
         )
+    if model.attention_query_chunk < 0:
+        raise ValueError(
+            f"config.model.attention_query_chunk={model.attention_query_chunk} must be >= 0"
+        )
     if model.logits_chunk_size < 0:
         raise ValueError(f"config.model.logits_chunk_size={model.logits_chunk_size} must be >= 0")
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+    """Context parallelism (config.mesh.sequence) gathers keys and values across the axis inside
+    XLA attention (`models.context_parallel`); the kernels' masks assume whole rows."""
+    sequence = config.mesh.sequence
+    if not (sequence >= 1 or sequence == -1):
+        raise ValueError(f"config.mesh.sequence={sequence!r} must be >= 1 or -1")
+    if sequence == 1:
+        return
+    if config.model.attention_impl != "xla":
+        raise ValueError(
+            f"config.mesh.sequence={sequence} with config.model.attention_impl="
+            f"{config.model.attention_impl!r}: context parallelism supports 'xla' attention only"
+        )
+    if sequence > 1 and config.data.max_length % sequence:
+        raise ValueError(
+            f"config.data.max_length={config.data.max_length} must be divisible by "
+            f"config.mesh.sequence={sequence}: each shard holds an equal slice of every row"
+        )
+    chunk = config.model.attention_query_chunk
+    if sequence > 1 and chunk and (config.data.max_length // sequence) % chunk:
+        raise ValueError(
+            f"config.model.attention_query_chunk={chunk} must divide the "
+            f"{config.data.max_length // sequence} tokens of a row on each of the "
+            f"config.mesh.sequence={sequence} shards"
+        )
 
 
 def _check_quantized(config: ml_collections.ConfigDict, planning: bool) -> None:

@@ -116,7 +116,7 @@ def initialize(
         return mode
     check_agreement(digest, num_processes if mode == "explicit" else jax.process_count())
     if config is not None:
-        check_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.num_devices)
+        check_mesh(mesh_sizes(config.mesh), config.mesh.num_devices)
     return mode
 
 
@@ -252,7 +252,12 @@ def check_agreement(digest: str, num_processes: int) -> None:
         )
 
 
-def check_mesh(data: int, fsdp: int, tensor: int, num_devices: int) -> None:
+def mesh_sizes(mesh_config) -> dict[str, int]:
+    """{axis: size} of a config.mesh group (its data, fsdp, sequence and tensor fields)."""
+    return {axis: mesh_config[axis] for axis in sharding.MESH_AXES}
+
+
+def check_mesh(sizes: dict[str, int], num_devices: int) -> None:
     """The config's mesh must use every global device (every process takes part).
 
     Raises:
@@ -266,6 +271,6 @@ def check_mesh(data: int, fsdp: int, tensor: int, num_devices: int) -> None:
             f"all {where} devices (set -1)"
         )
     try:
-        sharding.resolve_mesh_shape(data, fsdp, tensor, total if num_devices == -1 else num_devices)
+        sharding.resolve_mesh_shape(sizes, total if num_devices == -1 else num_devices)
     except ValueError as error:
         raise DistributedError(f"{error} ({where})") from None

@@ -18,7 +18,7 @@ from dpo_jax import evaluation, sharding, storage
 from dpo_jax import reference as reference_lib
 from dpo_jax.data import synthetic
 from dpo_jax.models import ModelConfig, init_params, linear, load_hf, logical_axes, make_apply_fn
-from dpo_jax.run import checkpoint, errors, run_config, wandb_log
+from dpo_jax.run import checkpoint, distributed, errors, run_config, wandb_log
 from dpo_jax.run.build import (  # noqa: F401 - re-exported: the stage builders' public names
     REFERENCE_FREE_LOSSES,
     REFERENCES,
@@ -141,15 +141,28 @@ def _run_stages(config, workdir: str, tokenizer, model_config, params, ctx) -> d
 # ----------------------------------------------------------------------------- configuration
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The mesh of config.mesh, after checking the batch sizes divide over its batch shards.
+def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> jax.sharding.Mesh:
+    """The mesh of config.mesh, after checking the batch sizes divide over its batch shards and
+    the row length over its sequence axis.
+
+    Args:
+      config: the run's config.
+      devices: the devices to choose from (default: this runtime's; the planner passes a TPU
+        topology's).
 
     Raises:
-      ValueError: mesh sizes that do not fit the devices, or batch sizes not divisible.
+      ValueError: mesh sizes that do not fit the devices, batch sizes not divisible.
     """
+    sizes = distributed.mesh_sizes(config.mesh)
     mesh = sharding.make_mesh(
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices=config.mesh.num_devices
+        sizes["data"],
+        sizes["fsdp"],
+        sizes["tensor"],
+        sequence=sizes["sequence"],
+        num_devices=config.mesh.num_devices,
+        devices=devices,
     )
+    sharding.check_row_length(config.data.max_length, mesh)
     micro_batch = config.data.batch_size // config.optimizer.grad_accum_steps
     what = "config.data.batch_size / config.optimizer.grad_accum_steps"
     sharding.check_batch_size(micro_batch, mesh, what=what)
@@ -170,6 +183,7 @@ def load_model(
         param_dtype=config.model.param_dtype,
         remat=config.model.remat,
         attention_impl=config.model.attention_impl,
+        attention_query_chunk=config.model.attention_query_chunk,
     )
     params = None
     if config.model.source == "hf":
