@@ -285,24 +285,57 @@ def check_row_length(length: int, mesh: Mesh, what: str = "config.data.max_lengt
         )
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch (the global batch on one process, this host's rows on several).
+def row_group(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): which of the batch's row blocks this process reads, and how many blocks.
 
-    Token arrays (TOKEN_KEYS) are split along T over "sequence" as well; with several processes
-    each process passes its rows whole, so the sequence axis must lie within a host (it does
-    with `make_mesh`'s axis order, "sequence" and "tensor" innermost, when sequence × tensor
-    divides the devices of a host).
+    A process reads the rows its devices hold along the batch axes (data, fsdp). When the
+    "sequence" (or "tensor") axis spans hosts, several processes hold the same rows, each
+    device a slice of their tokens: those processes form one group and read the same rows
+    (the whole rows; each device takes its slice in `put_batch`). Otherwise every process is
+    its own group: (jax.process_index(), jax.process_count()).
+
+    Raises:
+      ValueError: if the processes' rows are not equal, disjoint, contiguous blocks in process
+        order (a device order `make_mesh` does not give).
+    """
+    if jax.process_count() == 1:
+        return 0, 1
+    data, fsdp = (mesh.axis_names.index(axis) for axis in BATCH_AXES)
+    shards_of: dict[int, set[int]] = {}
+    for coords in np.ndindex(mesh.devices.shape):
+        shard = coords[data] * mesh.devices.shape[fsdp] + coords[fsdp]
+        shards_of.setdefault(mesh.devices[coords].process_index, set()).add(shard)
+    groups = sorted({tuple(sorted(shards)) for shards in shards_of.values()})
+    size = len(groups[0])
+    if any(group != tuple(range(i * size, (i + 1) * size)) for i, group in enumerate(groups)):
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: the processes' batch rows are not equal contiguous blocks "
+            f"(batch shards of each process: {dict(sorted(shards_of.items()))})"
+        )
+    return groups.index(tuple(sorted(shards_of[jax.process_index()]))), len(groups)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host batch (the global batch on one process, this process's rows on several:
+    its `row_group`'s block, whole rows).
+
+    Token arrays (TOKEN_KEYS) are split along T over "sequence" as well: each process passes
+    whole rows and each of its devices takes its slice of T.
 
     Raises:
       ValueError: if the batch size is not divisible by data × fsdp, or the row length by the
         sequence axis.
     """
     first = next(iter(batch.values()))
-    check_batch_size(np.shape(first)[0] * jax.process_count(), mesh)
+    _, num_groups = row_group(mesh)
+    global_rows = np.shape(first)[0] * num_groups
+    check_batch_size(global_rows, mesh)
     if "tokens" in batch:
         check_row_length(np.shape(batch["tokens"])[-1], mesh, what="batch['tokens'] length")
     shardings = batch_shardings(batch, mesh)
     return {
-        key: jax.make_array_from_process_local_data(shardings[key], value)
+        key: jax.make_array_from_process_local_data(
+            shardings[key], value, (global_rows, *np.shape(value)[1:])
+        )
         for key, value in batch.items()
     }

@@ -297,3 +297,25 @@ def test_each_process_reads_its_rows_of_the_one_process_batches():
         parts = [next(half) for half in halves]
         for key, value in expected.items():
             np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), value)
+
+
+def test_a_sequence_axis_across_the_two_processes_equals_one_process(tmp_path):
+    # sequence = 8 over both processes' 4 devices: every row is split across the hosts, so the
+    # two processes form one row group, read the same (whole) rows, and each device takes its 3
+    # of the 24 tokens (`sharding.row_group`, `put_batch`); the precomputed reference pass too.
+    split = {"mesh.data": 1, "mesh.sequence": 8, "data.max_length": 24}
+    extra = [f"--config.{key}={value}" for key, value in split.items()]
+    two = tmp_path / "two_processes"
+    for returncode, output in _launch(two, 2, extra=extra):
+        assert returncode == 0, output[-3000:]
+    one = tmp_path / "one_process"  # whole rows, data-parallel over 8 devices
+    train.train_and_evaluate(_configured({**OVERRIDES, "data.max_length": 24}), str(one))
+    for stage, steps in (("sft", (1, 2)), ("dpo", (1, 2, 3, 4))):
+        expected, got = _train_metrics(one, stage), _train_metrics(two, stage)
+        assert sorted(got) == list(steps), (stage, sorted(got))
+        for step in steps:
+            for name in METRICS:
+                np.testing.assert_allclose(
+                    got[step][name], expected[step][name], rtol=2e-5, atol=1e-6,
+                    err_msg=f"{stage} step {step} {name}",
+                )  # fmt: skip

@@ -194,3 +194,29 @@ def test_script_reports_a_bad_topology_in_one_line():
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("error: --topology='v9z:2x2': expected"), lines
     assert len(lines) <= 2, lines  # the message, and where the traceback is
+
+
+def _long_config(sequence: int):
+    # One pair of 2,048 tokens a step; with sequence > 1 its rows split over the slice's chips.
+    return _config(
+        model__attention_impl="xla", model__attention_query_chunk=128, data__max_length=2048,
+        data__max_prompt_length=1024, data__batch_size=1, data__eval_batch_size=1,
+        mesh__fsdp=1, mesh__sequence=sequence,
+    )  # fmt: skip
+
+
+def test_a_long_context_plan_splits_each_row_over_the_sequence_axis():
+    # The same one-pair step compiled for one v5e chip (whole rows) and for a v5e 2x2 slice
+    # with the rows split 4 ways: each chip holds a quarter of the batch and fewer temporaries.
+    devices, memory = planner.topology_devices("v5e:2x2")
+    split = planner.plan(_long_config(4), devices, memory, "v5e:2x2")
+    devices, memory = planner.topology_devices("v5e:1x1")
+    whole = planner.plan(_long_config(1), devices, memory, "v5e:1x1")
+    assert split.mesh_shape == {"data": 1, "fsdp": 1, "sequence": 4, "tensor": 1}
+    # tokens, positions, segment ids (int32) and the response mask (bool): 13 bytes a token of
+    # 2 rows × 2,048, a quarter of them on each chip; the 1-byte pair mask is whole on each.
+    assert whole.parts["batch"] == 13 * 2 * 2048 + 1
+    assert split.parts["batch"] == 13 * 2 * 2048 // 4 + 1
+    assert split.temp_bytes < 0.5 * whole.temp_bytes, (split.temp_bytes, whole.temp_bytes)
+    assert split.model_flops * 4 == pytest.approx(whole.model_flops, rel=1e-12)
+    planner.check_fits(split, headroom=0.1)

@@ -1,5 +1,7 @@
 """The mesh from config sizes, logical-axis rules to NamedShardings, and batch placement."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +137,44 @@ def test_batch_size_must_divide_over_the_batch_shards():
     mesh = sharding.make_mesh(2, 4, 1)
     with pytest.raises(ValueError, match=r"batch_size=12 must be divisible .* 2 × 4 = 8"):
         sharding.put_batch({"tokens": np.zeros((12, 2, 3), np.int32)}, mesh)
+
+
+def _fake_mesh(process_of, shape):
+    """A stand-in mesh over MESH_AXES whose devices carry only their process index."""
+    devices = np.array([types.SimpleNamespace(process_index=p) for p in process_of], dtype=object)
+    devices = devices.reshape(shape)
+    return types.SimpleNamespace(
+        axis_names=sharding.MESH_AXES,
+        devices=devices,
+        shape=dict(zip(sharding.MESH_AXES, shape, strict=True)),
+    )
+
+
+@pytest.mark.parametrize(
+    "process_of, shape, expected",
+    [
+        # data=2 x sequence=2 within each host: each process is its own group (as today).
+        ([0, 0, 1, 1], (2, 1, 2, 1), [(0, 2), (1, 2)]),
+        # sequence=4 across both hosts: one group, both read every row.
+        ([0, 0, 1, 1], (1, 1, 4, 1), [(0, 1), (0, 1)]),
+        # data=2 x sequence=4, the sequence axis spanning two hosts of 2 devices each.
+        ([0, 0, 1, 1, 2, 2, 3, 3], (2, 1, 4, 1), [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    ],
+)
+def test_row_groups_of_processes_that_share_rows(monkeypatch, process_of, shape, expected):
+    mesh = _fake_mesh(process_of, shape)
+    monkeypatch.setattr(jax, "process_count", lambda: len(set(process_of)))
+    for process, want in enumerate(expected):
+        monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+        assert sharding.row_group(mesh) == want
+
+
+def test_rows_not_in_contiguous_blocks_per_process_are_one_line(monkeypatch):
+    # data=4 with processes interleaved: process 0 holds rows 0 and 2, process 1 rows 1 and 3.
+    mesh = _fake_mesh([0, 1, 0, 1], (4, 1, 1, 1))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(
+        ValueError, match=r"not equal contiguous blocks .*\{0: \{0, 2\}, 1: \{1, 3\}\}"
+    ):
+        sharding.row_group(mesh)

@@ -28,6 +28,13 @@ REFERENCES = tuple(reference_lib.KINDS)
 REFERENCE_FREE_LOSSES = step_lib.REFERENCE_FREE_LOSSES
 
 
+def _rows_of(mesh: jax.sharding.Mesh) -> dict[str, int]:
+    """The pipeline's process_index/process_count: this process's block of every batch's rows
+    (`sharding.row_group`: processes whose devices share rows read the same block)."""
+    process_index, process_count = sharding.row_group(mesh)
+    return dict(process_index=process_index, process_count=process_count)
+
+
 def _data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(
         max_length=config.data.max_length,
@@ -74,7 +81,7 @@ def _kto_options(config, stage: str, batch_size: int) -> dict[str, Any]:
     return {}
 
 
-def _train_batches(config, tokenizer, source, counts: dict, stage: str):
+def _train_batches(config, tokenizer, source, counts: dict, stage: str, mesh):
     name = source if isinstance(source, str) else f"[{stage}] train records"
     coverage.check(source, tokenizer, max_rate=config.data.max_unknown_token_rate, name=name)
     iterator, stats = make_pair_iterator(
@@ -83,6 +90,7 @@ def _train_batches(config, tokenizer, source, counts: dict, stage: str):
         batch_size=config.data.batch_size,
         seed=config.data.shuffle_seed,
         **_data_options(config),
+        **_rows_of(mesh),
         **_kto_options(config, stage, config.data.batch_size),
     )
     counts[f"{stage}/train"] = stats.as_dict()
@@ -96,7 +104,7 @@ def _train_batches(config, tokenizer, source, counts: dict, stage: str):
     return iterator
 
 
-def _eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
+def _eval_batches(config, tokenizer, source, counts: dict, stage: str, mesh) -> list:
     if source is None:
         return []
     batches, stats = make_eval_batches(
@@ -104,6 +112,7 @@ def _eval_batches(config, tokenizer, source, counts: dict, stage: str) -> list:
         tokenizer,
         batch_size=config.data.eval_batch_size,
         **_data_options(config),
+        **_rows_of(mesh),
         **_kto_options(config, stage, config.data.eval_batch_size),
     )
     counts[f"{stage}/eval"] = stats.as_dict()
@@ -173,8 +182,8 @@ def make_sft_stage(config, tokenizer, ctx: Context, sources, counts: dict) -> St
         tx=tx,
         schedule=schedule,
         reference=reference_lib.NoReference(),
-        train_batches=_train_batches(config, tokenizer, sources[0], counts, "sft"),
-        eval_batches=_eval_batches(config, tokenizer, sources[1], counts, "sft"),
+        train_batches=_train_batches(config, tokenizer, sources[0], counts, "sft", ctx.mesh),
+        eval_batches=_eval_batches(config, tokenizer, sources[1], counts, "sft", ctx.mesh),
     )
 
 
@@ -236,8 +245,8 @@ def make_dpo_stage(
     tx, schedule = stage_optimizer(
         config, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.dpo.num_steps
     )
-    train_batches = _train_batches(config, tokenizer, sources[0], counts, "dpo")
-    eval_batches = _eval_batches(config, tokenizer, sources[1], counts, "dpo")
+    train_batches = _train_batches(config, tokenizer, sources[0], counts, "dpo", ctx.mesh)
+    eval_batches = _eval_batches(config, tokenizer, sources[1], counts, "dpo", ctx.mesh)
     reference = make_reference(config, initial_params)
     if isinstance(reference, reference_lib.PrecomputedReference):
         if reference_kind(config) == "cached":
@@ -321,6 +330,7 @@ def _precompute_reference_logps(
             tokenizer,
             batch_size=config.data.eval_batch_size,
             **{**_data_options(config), "pairs_per_row": 1},
+            **_rows_of(ctx.mesh),
         )
         with jax.set_mesh(ctx.mesh):  # as in training (see stage.run_stage)
             ref_logps.precompute(

@@ -159,8 +159,8 @@ def make_reward_stage(config, tokenizer, ctx, sources, counts: dict) -> stage_li
         schedule=schedule,
         reference=reference_lib.NoReference(),
         # The DPO stage's own builders: the same pipeline, counts and checks, no second data path.
-        train_batches=build._train_batches(config, tokenizer, sources[0], counts, "dpo"),
-        eval_batches=build._eval_batches(config, tokenizer, sources[1], counts, "dpo"),
+        train_batches=build._train_batches(config, tokenizer, sources[0], counts, "dpo", ctx.mesh),
+        eval_batches=build._eval_batches(config, tokenizer, sources[1], counts, "dpo", ctx.mesh),
         update_fn=update_fn,
         eval_fn=eval_fn,
     )

@@ -371,6 +371,7 @@ class _Loop:
         update, history = None, []
         pending = None  # (step, device metrics, tokens per second) of the last log step
         tokens, last_time = 0, time.perf_counter()
+        _, num_row_groups = sharding.row_group(ctx.mesh)
         for step in range(start, stage.num_steps):
             data_position = stage.train_batches.get_state()
             host_batch = next(stage.train_batches)
@@ -381,8 +382,8 @@ class _Loop:
             )
             done = step + 1
             self.guard.after_dispatch(done, metrics, data_position)
-            # host_batch is this host's slice; every host holds an equal slice of the batch.
-            tokens += jax.process_count() * int(np.count_nonzero(host_batch["segment_ids"]))
+            # host_batch is this process's row block; every block is an equal share of the batch.
+            tokens += num_row_groups * int(np.count_nonzero(host_batch["segment_ids"]))
             if pending is not None:  # one step behind: step - 1's metrics are ready or nearly
                 history.append(self._log(pending))
                 pending = None
