@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"  # storage dtype of params: float32, bfloat16
     config.model.remat = False  # recompute each layer's activations in the backward pass
     config.model.attention_impl = "xla"  # "xla" or "cudnn" (NVIDIA GPUs only)
-    config.model.attention_query_chunk = 0  # mesh.sequence > 1: queries a block; 0 = all at once
+    config.model.attention_block_size = 0  # mesh.sequence > 1: attention block; 0 = T / 2C
     config.model.logits_chunk_size = 0  # token rows per log-prob chunk; 0 = full [N, T, V] logits
 
     # Data

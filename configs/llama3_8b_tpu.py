@@ -146,7 +146,7 @@ def long_context(
     queries in blocks of 512 (a block's scores are [2 rows, 32 heads, 512, T] float32).
     """
     config.model.attention_impl = "xla"  # the sequence axis composes with XLA attention only
-    config.model.attention_query_chunk = 512
+    config.model.attention_block_size = 512
     config.data.max_length = max_length
     config.data.max_prompt_length = max_length // 2
     config.data.batch_size = batch_size

@@ -272,16 +272,17 @@ def batch_shardings(batch: dict[str, Any], mesh: Mesh) -> dict[str, NamedShardin
 
 
 def check_row_length(length: int, mesh: Mesh, what: str = "config.data.max_length") -> None:
-    """Raises ValueError unless a row of `length` tokens splits evenly over "sequence".
+    """Raises ValueError unless a row of `length` tokens splits into 2 x "sequence" equal blocks
+    (each shard holds two of them: `models.context_parallel`'s zigzag layout).
 
     Raises:
       ValueError: naming both numbers.
     """
     shards = sequence_shards(mesh)
-    if length % shards:
+    if shards > 1 and length % (2 * shards):
         raise ValueError(
-            f"{what}={length} tokens a row must be divisible by the mesh's sequence axis "
-            f"({shards}): each shard holds an equal slice of every row"
+            f"{what}={length} tokens a row must be divisible by 2 x the mesh's sequence axis "
+            f"({2 * shards}): each shard holds two equal blocks of every row"
         )
 
 

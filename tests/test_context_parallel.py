@@ -23,7 +23,7 @@ from test_train_step import build, run_steps, tiny_config  # noqa: E402
 from dpo_jax import reference as reference_lib  # noqa: E402
 from dpo_jax import sharding  # noqa: E402
 from dpo_jax.logprobs import logprob_fn  # noqa: E402
-from dpo_jax.models import ModelConfig, init_params, make_apply_fn  # noqa: E402
+from dpo_jax.models import ModelConfig, context_parallel, init_params, make_apply_fn  # noqa: E402
 from dpo_jax.run import stage as stage_lib  # noqa: E402
 from dpo_jax.run import train  # noqa: E402
 from dpo_jax.step import LossOptions, loss_and_metrics  # noqa: E402
@@ -132,6 +132,29 @@ def test_split_rows_give_the_unsharded_step(name, chunk, mesh_sizes):
     assert max(float(np.abs(g).max()) for g in flat) > 1e-3
 
 
+@pytest.mark.parametrize("shards", [2, 4, 8])
+def test_the_zigzag_layout_and_its_inverse(shards):
+    # Shard s holds row blocks s and 2C - 1 - s; to_zigzag and from_zigzag move [N, T, D] rows
+    # between the two orders on the devices (one ppermute per half).
+    bad = 4 * shards + 2  # two tokens over whole blocks
+    with pytest.raises(ValueError, match=rf"row length {bad} must be .* 2 x .*\({2 * shards}\)"):
+        context_parallel.zigzag_order(bad, shards)
+    order = context_parallel.zigzag_order(64, shards)
+    length, block = len(order), len(order) // (2 * shards)
+    for s in range(shards):
+        held = order[2 * s * block : 2 * (s + 1) * block] // block
+        assert list(np.unique(held)) == [s, 2 * shards - 1 - s]
+    mesh = sharding.make_mesh(8 // shards, 1, 1, sequence=shards)
+    rows = np.arange(8 // shards * 2 * length * 3, dtype=np.float32).reshape(-1, length, 3)
+    spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES, sharding.SEQUENCE_AXIS, None)
+    placed = jax.device_put(rows, jax.sharding.NamedSharding(mesh, spec))
+    with jax.set_mesh(mesh):
+        zigzag = jax.jit(lambda x: context_parallel.to_zigzag(x, mesh))(placed)
+        back = jax.jit(lambda x: context_parallel.from_zigzag(x, mesh))(zigzag)
+    np.testing.assert_array_equal(np.asarray(zigzag), rows[:, order])
+    np.testing.assert_array_equal(np.asarray(back), rows)
+
+
 def _logprobs(config, params, batch, chunk, mesh=None):
     fn = jax.jit(
         lambda p, b: logprob_fn(make_apply_fn(config), p, b, logits_chunk_size=chunk, mesh=mesh)
@@ -144,9 +167,9 @@ def _logprobs(config, params, batch, chunk, mesh=None):
         return jax.device_get(fn(params, placed))
 
 
-@pytest.mark.parametrize("query_chunk", [0, 4])
+@pytest.mark.parametrize("block_size", [0, 2])
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
-def test_per_pair_log_probs_of_split_rows(name, query_chunk):
+def test_per_pair_log_probs_of_split_rows(name, block_size):
     # Each pair's summed response log-prob adds the contributions of several shards (ROWS[0]'s
     # response spans shards 0-2; ROWS[1]'s second pair starts mid-shard), and the first target
     # of each shard is the next shard's first token.
@@ -155,8 +178,8 @@ def test_per_pair_log_probs_of_split_rows(name, query_chunk):
     batch = _batch(config.vocab_size)
     whole = _logprobs(config, params, batch, 16)
     mesh = sharding.make_mesh(1, 1, 1, sequence=4, num_devices=4)
-    # query_chunk=4: each shard's 8 queries attend in two blocks (`context_parallel`).
-    split_config = dataclasses.replace(config, attention_query_chunk=query_chunk)
+    # block_size=2: each shard's two zigzag blocks of 4 tokens attend in blocks of 2.
+    split_config = dataclasses.replace(config, attention_block_size=block_size)
     split = _logprobs(split_config, params, batch, 16, mesh)
     np.testing.assert_array_equal(split.lengths, whole.lengths)
     np.testing.assert_allclose(split.logps, whole.logps, rtol=1e-5, atol=1e-5)
@@ -211,13 +234,14 @@ def test_a_row_length_that_does_not_divide_over_the_sequence_axis_is_one_line():
     mesh = sharding.make_mesh(1, 1, 1, sequence=4, num_devices=4)
     batch = _batch(256)
     batch = {k: (v[..., :30] if k in sharding.TOKEN_KEYS else v) for k, v in batch.items()}
-    with pytest.raises(ValueError, match=r"batch\['tokens'\] length=30 .* sequence axis \(4\)"):
+    with pytest.raises(ValueError, match=r"batch\['tokens'\] length=30 .* sequence axis \(8\)"):
         sharding.put_batch(batch, mesh)
     config = tiny_config(mesh__sequence=4, data__max_length=18)
-    with pytest.raises(ValueError, match=r"max_length=18 must be divisible by .*sequence=4"):
+    message = r"max_length=18 must be divisible by 2 x config.mesh.sequence=4"
+    with pytest.raises(ValueError, match=message):
         train.check_config(config)
-    config = tiny_config(mesh__sequence=4, data__max_length=20, model__attention_query_chunk=2)
-    with pytest.raises(ValueError, match=r"attention_query_chunk=2 must divide the 5 tokens"):
+    config = tiny_config(mesh__sequence=4, data__max_length=24, model__attention_block_size=2)
+    with pytest.raises(ValueError, match=r"attention_block_size=2 must divide the 3 tokens"):
         train.check_config(config)
 
 
@@ -236,10 +260,10 @@ COMPOSED = {
         data__pairs_per_row=2, data__max_length=36, data__batch_size=16,
         optimizer__grad_accum_steps=2, mesh__sequence=2, mesh__data=2,
     ),
-    "precomputed": dict(dpo__reference="precomputed", data__max_length=20, mesh__sequence=4),
-    "cached": dict(dpo__reference="cached", data__max_length=20, mesh__sequence=4, mesh__data=2),
+    "precomputed": dict(dpo__reference="precomputed", data__max_length=24, mesh__sequence=4),
+    "cached": dict(dpo__reference="cached", data__max_length=24, mesh__sequence=4, mesh__data=2),
     "lora": dict(
-        lora__rank=4, lora__alpha=8.0, dpo__reference="adapters_off", data__max_length=20,
+        lora__rank=4, lora__alpha=8.0, dpo__reference="adapters_off", data__max_length=24,
         optimizer__learning_rate=3e-2,  # adapters start at B = 0: a larger rate moves them
         mesh__sequence=4, mesh__data=2,
     ),
@@ -273,7 +297,7 @@ def test_training_with_split_rows_gives_the_one_device_run(tmp_path, name):
 def test_a_run_on_split_rows_resumes_on_another_mesh(tmp_path):
     def config(num_steps, **mesh):
         config = tiny_config(
-            data__max_length=20, checkpoint__every_steps=2, checkpoint__keep=1,
+            data__max_length=24, checkpoint__every_steps=2, checkpoint__keep=1,
             optimizer__eps=1e-3, mesh__num_devices=-1, dpo__num_steps=num_steps, **mesh,
         )  # fmt: skip
         config.mesh.num_devices = config.mesh.data * config.mesh.sequence

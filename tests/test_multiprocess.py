@@ -301,15 +301,15 @@ def test_each_process_reads_its_rows_of_the_one_process_batches():
 
 def test_a_sequence_axis_across_the_two_processes_equals_one_process(tmp_path):
     # sequence = 8 over both processes' 4 devices: every row is split across the hosts, so the
-    # two processes form one row group, read the same (whole) rows, and each device takes its 3
-    # of the 24 tokens (`sharding.row_group`, `put_batch`); the precomputed reference pass too.
-    split = {"mesh.data": 1, "mesh.sequence": 8, "data.max_length": 24}
+    # two processes form one row group, read the same (whole) rows, and each device takes its 4
+    # of the 32 tokens (`sharding.row_group`, `put_batch`); the precomputed reference pass too.
+    split = {"mesh.data": 1, "mesh.sequence": 8, "data.max_length": 32}
     extra = [f"--config.{key}={value}" for key, value in split.items()]
     two = tmp_path / "two_processes"
     for returncode, output in _launch(two, 2, extra=extra):
         assert returncode == 0, output[-3000:]
     one = tmp_path / "one_process"  # whole rows, data-parallel over 8 devices
-    train.train_and_evaluate(_configured({**OVERRIDES, "data.max_length": 24}), str(one))
+    train.train_and_evaluate(_configured({**OVERRIDES, "data.max_length": 32}), str(one))
     for stage, steps in (("sft", (1, 2)), ("dpo", (1, 2, 3, 4))):
         expected, got = _train_metrics(one, stage), _train_metrics(two, stage)
         assert sorted(got) == list(steps), (stage, sorted(got))

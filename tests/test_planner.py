@@ -199,7 +199,7 @@ def test_script_reports_a_bad_topology_in_one_line():
 def _long_config(sequence: int):
     # One pair of 2,048 tokens a step; with sequence > 1 its rows split over the slice's chips.
     return _config(
-        model__attention_impl="xla", model__attention_query_chunk=128, data__max_length=2048,
+        model__attention_impl="xla", model__attention_block_size=128, data__max_length=2048,
         data__max_prompt_length=1024, data__batch_size=1, data__eval_batch_size=1,
         mesh__fsdp=1, mesh__sequence=sequence,
     )  # fmt: skip

@@ -163,7 +163,7 @@ def _model_of(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
             param_dtype=config.model.param_dtype,
             remat=config.model.remat,
             attention_impl=config.model.attention_impl,
-            attention_query_chunk=config.model.attention_query_chunk,
+            attention_block_size=config.model.attention_block_size,
         )
         source = os.path.join(config.model.hf_path, "config.json")
         hf_config = read_hf_config(config.model.hf_path)

@@ -161,7 +161,7 @@ class Attention(nnx.Module):
                 scale=config.attention_scale,
                 softcap=config.attn_logit_softcapping,
                 mesh=mesh,
-                query_chunk=config.attention_query_chunk,
+                block_size=config.attention_block_size,
             )
             return self.output(out)
         if config.attention_impl == "xla":

@@ -70,9 +70,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the params
     remat: bool = False  # recompute each layer's activations in the backward pass
     attention_impl: str = "xla"  # one of ATTENTION_IMPLS; "cudnn" runs on NVIDIA GPUs only
-    # Under context parallelism, a shard's queries attend in blocks of this many (each block's
-    # [B, H, block, T] scores recomputed in the backward); 0 = all of a shard's queries at once.
-    attention_query_chunk: int = 0
+    # Under context parallelism, tokens per query block and per key block of the blocked
+    # attention (`context_parallel`); 0 = one zigzag block, T / (2 x the sequence axis).
+    attention_block_size: int = 0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -107,8 +107,8 @@ class ModelConfig:
             raise ValueError(
                 "layer_types has sliding_attention layers but sliding_window is not set"
             )
-        if self.attention_query_chunk < 0:
-            raise ValueError(f"attention_query_chunk={self.attention_query_chunk} must be >= 0")
+        if self.attention_block_size < 0:
+            raise ValueError(f"attention_block_size={self.attention_block_size} must be >= 0")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be > 0 or None")
         if self.rope_type not in ROPE_TYPES:

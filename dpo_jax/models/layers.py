@@ -100,13 +100,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(
-    segment_ids: jax.Array,
-    sliding_window: int | None | jax.Array,
-    *,
-    key_segment_ids: jax.Array | None = None,
-    query_offset: int | jax.Array = 0,
-) -> jax.Array:
+def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Array:
     """Which keys each query may see: same segment (> 0), causal, within the window.
 
     A query at index i sees a key at index j when segment_ids agree and are > 0, j <= i, and,
@@ -114,23 +108,19 @@ def attention_mask(
     Indices, not position ids, define causality, so packed rows need no special case.
 
     Args:
-        segment_ids: [B, T] int32 of the queries; 0 on padding.
-        sliding_window: window length, or None for full causal attention (an int32 scalar
-            array may stand for either, a huge value meaning no window).
-        key_segment_ids: [B, S] int32 of the keys (default: the queries', S = T).
-        query_offset: the row index of the first query (a shard's slice of a row under
-            context parallelism); key indices start at 0.
+        segment_ids: [B, T] int32; 0 on padding.
+        sliding_window: window length, or None for full causal attention.
 
     Returns:
-        [B, T, S] bool, [batch, query, key].
+        [B, T, T] bool, [batch, query, key].
     """
-    key_segment_ids = segment_ids if key_segment_ids is None else key_segment_ids
-    query_index = query_offset + jnp.arange(segment_ids.shape[1])[:, None]
-    key_index = jnp.arange(key_segment_ids.shape[1])[None, :]
+    length = segment_ids.shape[1]
+    query_index = jnp.arange(length)[:, None]
+    key_index = jnp.arange(length)[None, :]
     allowed = key_index <= query_index
     if sliding_window is not None:
         allowed = allowed & (query_index - key_index < sliding_window)
-    same_segment = (segment_ids[:, :, None] == key_segment_ids[:, None, :]) & (
+    same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (
         segment_ids[:, :, None] > 0
     )
     return same_segment & allowed[None, :, :]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax import sharding
-from dpo_jax.models import kv_cache, layers, linear
+from dpo_jax.models import context_parallel, kv_cache, layers, linear
 from dpo_jax.models.blocks import Block, RMSNorm, normal_param
 from dpo_jax.models.config import ModelConfig
 
@@ -84,6 +84,12 @@ class Transformer(nnx.Module):
                 f"attention_impl='cudnn' needs an NVIDIA GPU (backend: {jax.default_backend()}); "
                 "use attention_impl='xla'"
             )
+        mesh = jax.sharding.get_abstract_mesh()
+        split_rows = sharding.sequence_shards(mesh) > 1
+        if split_rows:  # the decoder runs in the load-balanced token order (context_parallel)
+            tokens, positions, segment_ids = (
+                context_parallel.to_zigzag(x, mesh) for x in (tokens, positions, segment_ids)
+            )
         rope, masks = _rope_and_masks(config, positions, segment_ids)
         graphdef, stacked = nnx.split(self.layers)
 
@@ -96,7 +102,10 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, prevent_cse=False, policy=_remat_policy(config))
         x = sharding.constrain_split_rows(self._embed(tokens))  # [N, T, D]
         x, _ = jax.lax.scan(body, x, (stacked, sliding_flags(config)))
-        return sharding.constrain_split_rows(self.final_norm(x)), self._unembedding()
+        hidden = self.final_norm(x)
+        if split_rows:
+            hidden = context_parallel.from_zigzag(hidden, mesh)
+        return sharding.constrain_split_rows(hidden), self._unembedding()
 
     def decode(
         self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: kv_cache.KVCache
@@ -167,8 +176,8 @@ def _rope_and_masks(config: ModelConfig, positions: jax.Array, segment_ids: jax.
     """cos/sin and [B, T, T] masks for the two layer kinds, computed once per forward."""
     rope = _rope(config, positions)
     masks = {"full": None, "sliding": None}
-    # Under context parallelism each layer builds its [B, T / C, T] mask from the gathered
-    # segment ids (`context_parallel`); a [B, T, T] one would be the full row's.
+    # Under context parallelism each attention block builds its mask from global token indices
+    # and the gathered segment ids (`context_parallel`); a [B, T, T] one would be the full row's.
     split_rows = sharding.sequence_shards(jax.sharding.get_abstract_mesh()) > 1
     if config.attention_impl == "xla" and not split_rows:
         masks["full"] = layers.attention_mask(segment_ids, None)

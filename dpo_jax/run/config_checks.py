@@ -151,17 +151,18 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.model.attention_impl={model.attention_impl!r}; allowed: {ATTENTION_IMPLS}"
         )
-    if model.attention_query_chunk < 0:
+    if model.attention_block_size < 0:
         raise ValueError(
-            f"config.model.attention_query_chunk={model.attention_query_chunk} must be >= 0"
+            f"config.model.attention_block_size={model.attention_block_size} must be >= 0"
         )
     if model.logits_chunk_size < 0:
         raise ValueError(f"config.model.logits_chunk_size={model.logits_chunk_size} must be >= 0")
 
 
 def _check_mesh(config: ml_collections.ConfigDict) -> None:
-    """Context parallelism (config.mesh.sequence) gathers keys and values across the axis inside
-    XLA attention (`models.context_parallel`); the kernels' masks assume whole rows."""
+    """Context parallelism (config.mesh.sequence) splits each row into 2 x sequence blocks (the
+    zigzag layout) and attends inside XLA (`models.context_parallel`); the kernels' masks
+    assume whole rows."""
     sequence = config.mesh.sequence
     if not (sequence >= 1 or sequence == -1):
         raise ValueError(f"config.mesh.sequence={sequence!r} must be >= 1 or -1")
@@ -172,17 +173,19 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
             f"config.mesh.sequence={sequence} with config.model.attention_impl="
             f"{config.model.attention_impl!r}: context parallelism supports 'xla' attention only"
         )
-    if sequence > 1 and config.data.max_length % sequence:
+    length = config.data.max_length
+    if sequence == -1:  # the rest of the devices: `sharding.check_row_length` checks the size
+        return
+    if length % (2 * sequence):
         raise ValueError(
-            f"config.data.max_length={config.data.max_length} must be divisible by "
-            f"config.mesh.sequence={sequence}: each shard holds an equal slice of every row"
+            f"config.data.max_length={length} must be divisible by 2 x config.mesh.sequence="
+            f"{sequence}: each shard holds two equal blocks of every row (the zigzag layout)"
         )
-    chunk = config.model.attention_query_chunk
-    if sequence > 1 and chunk and (config.data.max_length // sequence) % chunk:
+    block = config.model.attention_block_size
+    if block and (length // (2 * sequence)) % block:
         raise ValueError(
-            f"config.model.attention_query_chunk={chunk} must divide the "
-            f"{config.data.max_length // sequence} tokens of a row on each of the "
-            f"config.mesh.sequence={sequence} shards"
+            f"config.model.attention_block_size={block} must divide the "
+            f"{length // (2 * sequence)} tokens of each of a row's {2 * sequence} zigzag blocks"
         )
 
 

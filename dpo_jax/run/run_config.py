@@ -32,7 +32,7 @@ FREE_FIELDS = (
     "model.remat",
     "model.logits_chunk_size",
     "model.attention_impl",
-    "model.attention_query_chunk",
+    "model.attention_block_size",
 )
 # Prefixes of fields whose change gives checkpoints of another shape: never allowed.
 SHAPE_FIELDS = ("model.", "optimizer.name", "dpo.reference", "dpo.loss_type")

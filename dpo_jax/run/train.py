@@ -183,7 +183,7 @@ def load_model(
         param_dtype=config.model.param_dtype,
         remat=config.model.remat,
         attention_impl=config.model.attention_impl,
-        attention_query_chunk=config.model.attention_query_chunk,
+        attention_block_size=config.model.attention_block_size,
     )
     params = None
     if config.model.source == "hf":
