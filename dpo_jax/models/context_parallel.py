@@ -22,13 +22,16 @@ the zigzag order each shard then computes 2C + 1 of the 4C key blocks a full [T 
 matrix would take (with block_size = T / 2C): the same count on every shard, about half the
 attention FLOPs. Within a computed block the mask comes from global token indices, so
 causality, Gemma 3's sliding window and packed segments hold across shard boundaries exactly
-as on one device. Each query block is recomputed in the backward (`jax.checkpoint`), so a layer
-holds one query block's scores at a time.
+as on one device. The backward recomputes (`jax.checkpoint`): each query block's pass, and in
+it each key block's scores, so what a layer's backward holds is one query block's running
+statistics and outputs per key block, never a block's [B, H, Bq, Bk] probabilities for every
+key block (flash attention's memory trade, reached by autodiff rather than a hand-written
+backward, at one more recomputation of the scores).
 
 What is not built: a ring (rotating K/V with `ppermute` while accumulating) would hold 1/C of
-the gathered K/V, at C sequential steps; a custom backward (flash attention's) would not keep a
-query block's probabilities for the backward; splash attention (TPU) is not composed with the
-axis, so `config_checks` admits attention_impl='xla' only with it.
+the gathered K/V, at C sequential steps; splash attention (TPU), whose kernels skip masked
+blocks themselves, is not composed with the axis, so `config_checks` admits attention_impl='xla'
+only with it.
 """
 
 from __future__ import annotations
@@ -280,7 +283,11 @@ def _query_block(query, segment_ids, query_index, kv, window, *, scale, softcap)
         )
         carry = jax.lax.cond(
             visible,
-            lambda c: update(c, key_block, value_block, key_segment_block, key_index_block),
+            # Checkpointed: the backward keeps each step's carry, not its [b, H, Bq, Bk] scores
+            # and probabilities, and recomputes them (flash attention's trade, by autodiff).
+            lambda c: jax.checkpoint(update)(
+                c, key_block, value_block, key_segment_block, key_index_block
+            ),
             lambda c: c,
             carry,
         )
