@@ -43,15 +43,20 @@ the planner's 90% budget. The untied lm_head is dequantised in row chunks
 
 Variant `long_v5p`: one pair of 32,768 tokens a row, split over a `sequence` axis of 16 chips
 (context parallelism, docs/pods.md "Long pairs"), fsdp over the rest, 4 pairs a step on a
-v5p-128 (64 chips); XLA attention in query blocks of 512, the params' embed axis over fsdp and
-sequence together:
+v5p-128 (64 chips); XLA attention in blocks of 512 (zigzag layout, masked blocks skipped), the
+params' embed axis over fsdp and sequence together:
 
     python scripts/plan.py --config=configs/llama3_8b_tpu.py:long_v5p --topology=v5p:4x4x4
 
-The TPU compiler's verdict (2026-12-07): 14.14 GiB per chip of 95 (12.19 GiB of temporaries).
+The TPU compiler's verdict (2026-12-07): 12.45 GiB per chip of 95 (10.49 GiB of temporaries).
 The smallest v5p slice, v5p-8 (4 chips, one host), fits one such pair with
 `--topology=v5p:2x2x1 --config.mesh.sequence=4 --config.data.batch_size=1
---config.data.eval_batch_size=1`: 61.29 GiB per chip.
+--config.data.eval_batch_size=1`: 56.51 GiB per chip.
+
+Variant `long_v5e`: the same rows on the v5e-256 of the default config, 16 pairs a step
+(sequence 16 x fsdp 16): 12.83 GiB per chip of 16, where 4,096-token rows take 9.05 GiB.
+
+    python scripts/plan.py --config=configs/llama3_8b_tpu.py:long_v5e --topology=v5e:16x16
 """
 
 import importlib.util
@@ -69,7 +74,7 @@ def _default_config_module():
     return module
 
 
-VARIANTS = ("", "qlora_v5e1", "long_v5p")
+VARIANTS = ("", "qlora_v5e1", "long_v5p", "long_v5e")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -118,6 +123,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             _qlora_v5e1(config)
         elif arg == "long_v5p":
             long_context(config, max_length=32_768, sequence=16, batch_size=4)  # v5p-128: 64 chips
+        elif arg == "long_v5e":
+            long_context(config, max_length=32_768, sequence=16, batch_size=16)  # v5e-256
     config.lock()
     return config
 

@@ -104,9 +104,16 @@ def _sharded_step(config, params, ref_params, batch, chunk, mesh):
         return jax.device_get(step(params, ref_params, placed)), lowered
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
-@pytest.mark.parametrize("chunk", [None, 16])
-@pytest.mark.parametrize("mesh_sizes", [dict(sequence=4), dict(data=4, sequence=2)])
+# Each model on both meshes, the full-logits head on one and the chunked head on the other.
+@pytest.mark.parametrize(
+    "name, chunk, mesh_sizes",
+    [
+        ("llama", None, dict(sequence=4)),
+        ("llama", 16, dict(data=4, sequence=2)),
+        ("gemma3", 16, dict(sequence=4)),
+        ("gemma3", None, dict(data=4, sequence=2)),
+    ],
+)
 def test_split_rows_give_the_unsharded_step(name, chunk, mesh_sizes):
     config = CONFIGS[name]
     params, ref_params = _policy_and_reference(config)
