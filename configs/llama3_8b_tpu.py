@@ -149,8 +149,8 @@ def long_context(
     (one per fsdp shard: the slice's chips / sequence).
 
     The params' embed axis is sharded over fsdp and sequence together (FSDP across every chip:
-    the sequence shards would otherwise each hold a quarter of the model), XLA attention with
-    queries in blocks of 512 (a block's scores are [2 rows, 32 heads, 512, T] float32).
+    the sequence shards would otherwise each hold a quarter of the model), XLA attention in
+    blocks of 512 (each key block's scores are [2 rows, 32 heads, 512, 512] float32).
     """
     config.model.attention_impl = "xla"  # the sequence axis composes with XLA attention only
     config.model.attention_block_size = 512

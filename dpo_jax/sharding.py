@@ -5,7 +5,9 @@ in the GSPMD style: params, optimizer state and batch are placed by `NamedShardi
 `jax.jit` as in/out shardings, and XLA's partitioner propagates them through the model. Explicit
 axes (jax 0.10's `make_mesh` default) would make sharding part of every array's type and require
 each op in the models to be written for it (`out_sharding=` on einsums, explicit reshards); Auto
-keeps the models free of sharding code and makes plain `with_sharding_constraint` work.
+keeps the models almost free of sharding code (context parallelism's `shard_map`s and the
+residual stream's constraint under a sequence axis are the exceptions) and makes plain
+`with_sharding_constraint` work.
 """
 
 import math
@@ -271,18 +273,28 @@ def batch_shardings(batch: dict[str, Any], mesh: Mesh) -> dict[str, NamedShardin
     }
 
 
-def check_row_length(length: int, mesh: Mesh, what: str = "config.data.max_length") -> None:
+def check_row_length(
+    length: int, mesh: Mesh, what: str = "config.data.max_length", block_size: int = 0
+) -> None:
     """Raises ValueError unless a row of `length` tokens splits into 2 x "sequence" equal blocks
-    (each shard holds two of them: `models.context_parallel`'s zigzag layout).
+    (each shard holds two of them: `models.context_parallel`'s zigzag layout), and `block_size`
+    (config.model.attention_block_size; 0: none) divides such a block.
 
     Raises:
       ValueError: naming both numbers.
     """
     shards = sequence_shards(mesh)
-    if shards > 1 and length % (2 * shards):
+    if shards == 1:
+        return
+    if length % (2 * shards):
         raise ValueError(
             f"{what}={length} tokens a row must be divisible by 2 x the mesh's sequence axis "
             f"({2 * shards}): each shard holds two equal blocks of every row"
+        )
+    if block_size and (length // (2 * shards)) % block_size:
+        raise ValueError(
+            f"config.model.attention_block_size={block_size} must divide the "
+            f"{length // (2 * shards)} tokens of each of a row's {2 * shards} zigzag blocks"
         )
 
 
@@ -296,8 +308,8 @@ def row_group(mesh: Mesh) -> tuple[int, int]:
     its own group: (jax.process_index(), jax.process_count()).
 
     Raises:
-      ValueError: if the processes' rows are not equal, disjoint, contiguous blocks in process
-        order (a device order `make_mesh` does not give).
+      ValueError: if the processes' rows are not equal, disjoint, contiguous blocks (a device
+        order `make_mesh` does not give).
     """
     if jax.process_count() == 1:
         return 0, 1

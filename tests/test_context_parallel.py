@@ -24,8 +24,8 @@ from dpo_jax import reference as reference_lib  # noqa: E402
 from dpo_jax import sharding  # noqa: E402
 from dpo_jax.logprobs import logprob_fn  # noqa: E402
 from dpo_jax.models import ModelConfig, context_parallel, init_params, make_apply_fn  # noqa: E402
+from dpo_jax.run import ppo_train, train  # noqa: E402
 from dpo_jax.run import stage as stage_lib  # noqa: E402
-from dpo_jax.run import train  # noqa: E402
 from dpo_jax.step import LossOptions, loss_and_metrics  # noqa: E402
 
 LENGTH = 32  # T: 4 shards of 8 tokens under sequence=4, 2 of 16 under sequence=2
@@ -243,13 +243,24 @@ def test_a_row_length_that_does_not_divide_over_the_sequence_axis_is_one_line():
     batch = {k: (v[..., :30] if k in sharding.TOKEN_KEYS else v) for k, v in batch.items()}
     with pytest.raises(ValueError, match=r"batch\['tokens'\] length=30 .* sequence axis \(8\)"):
         sharding.put_batch(batch, mesh)
-    config = tiny_config(mesh__sequence=4, data__max_length=18)
-    message = r"max_length=18 must be divisible by 2 x config.mesh.sequence=4"
-    with pytest.raises(ValueError, match=message):
+    # Checked against the resolved axis before any model is built (train.make_mesh), also when
+    # the axis is -1 (the rest of the devices: 4 here).
+    for sequence, data in ((4, 1), (-1, 2)):
+        mesh = dict(mesh__sequence=sequence, mesh__data=data, mesh__num_devices=data * 4)
+        config = tiny_config(**mesh, data__max_length=18)
         train.check_config(config)
-    config = tiny_config(mesh__sequence=4, data__max_length=24, model__attention_block_size=2)
-    with pytest.raises(ValueError, match=r"attention_block_size=2 must divide the 3 tokens"):
-        train.check_config(config)
+        with pytest.raises(ValueError, match=r"max_length=18 tokens a row .* 2 x .* \(8\)"):
+            train.make_mesh(config)
+        config = tiny_config(**mesh, data__max_length=24, model__attention_block_size=2)
+        with pytest.raises(ValueError, match=r"attention_block_size=2 must divide the 3 tokens"):
+            train.make_mesh(config)
+
+
+def test_ppo_with_a_sequence_axis_is_one_line():
+    config = tiny_config(mesh__sequence=2, mesh__num_devices=2, mesh__data=1)
+    config.ppo.true_reward = "synthetic_digits"
+    with pytest.raises(ValueError, match=r"mesh.sequence=2: PPO does not split rows"):
+        ppo_train.check_reward_source(config)
 
 
 @pytest.mark.parametrize("impl", ["splash", "cudnn"])

@@ -13,20 +13,20 @@ shard s holds blocks s and 2C − 1 − s, an early and a late one. Only the dec
 order; its inputs and outputs are in the row's own order, so the log-prob head, the shift of
 targets by one across shard boundaries and everything after it are unchanged.
 
-**Attention** (`attention`): each shard all-gathers its rows' keys, values and segment ids along
-the axis, once per layer (the gathered K/V are K·Dh / D of the hidden states: a quarter for
-Llama 3 8B), then attends block by block with an online softmax (flash attention's recurrence,
-in XLA): its queries in blocks of `block_size`, over the keys in blocks of the same size,
-skipping every block pair that causality or the sliding window masks entirely (`lax.cond`). In
-the zigzag order each shard then computes 2C + 1 of the 4C key blocks a full [T / C, T] score
-matrix would take (with block_size = T / 2C): the same count on every shard, about half the
-attention FLOPs. Within a computed block the mask comes from global token indices, so
-causality, Gemma 3's sliding window and packed segments hold across shard boundaries exactly
-as on one device. The backward recomputes (`jax.checkpoint`): each query block's pass, and in
-it each key block's scores, so what a layer's backward holds is one query block's running
-statistics and outputs per key block, never a block's [B, H, Bq, Bk] probabilities for every
-key block (flash attention's memory trade, reached by autodiff rather than a hand-written
-backward, at one more recomputation of the scores).
+**Attention** (`attention`): each shard all-gathers its rows' keys, values and segment ids
+along the axis, once per layer (the gathered keys and values are each K·Dh / D of the hidden
+states: a quarter each for Llama 3 8B), then attends block by block with an online softmax
+(flash attention's recurrence, in XLA): its queries in blocks of `block_size`, over the keys in
+blocks of the same size, skipping every block pair that causality or the sliding window masks
+entirely (`lax.cond`). In the zigzag order each shard then computes 2C + 1 of the 4C key blocks
+a full [T / C, T] score matrix would take (with block_size = T / 2C): the same count on every
+shard, about half the attention FLOPs. Within a computed block the mask comes from global
+token indices, so causality, Gemma 3's sliding window and packed segments hold across shard
+boundaries exactly as on one device. The backward recomputes (`jax.checkpoint`): each query
+block's pass, and in it each key block's scores, so what a layer's backward holds is one query
+block's running statistics and outputs per key block, never a block's [B, H, Bq, Bk]
+probabilities for every key block (flash attention's memory trade, reached by autodiff rather
+than a hand-written backward, at one more recomputation of the scores).
 
 What is not built: a ring (rotating K/V with `ppermute` while accumulating) would hold 1/C of
 the gathered K/V, at C sequential steps; splash attention (TPU), whose kernels skip masked

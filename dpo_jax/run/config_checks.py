@@ -160,9 +160,9 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
 
 
 def _check_mesh(config: ml_collections.ConfigDict) -> None:
-    """Context parallelism (config.mesh.sequence) splits each row into 2 x sequence blocks (the
-    zigzag layout) and attends inside XLA (`models.context_parallel`); the kernels' masks
-    assume whole rows."""
+    """Context parallelism (config.mesh.sequence) attends inside XLA (`models.context_parallel`);
+    the kernels' masks assume whole rows. The row length and attention block size are checked
+    against the resolved axis size by `train.make_mesh` (`sharding.check_row_length`)."""
     sequence = config.mesh.sequence
     if not (sequence >= 1 or sequence == -1):
         raise ValueError(f"config.mesh.sequence={sequence!r} must be >= 1 or -1")
@@ -172,20 +172,6 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.mesh.sequence={sequence} with config.model.attention_impl="
             f"{config.model.attention_impl!r}: context parallelism supports 'xla' attention only"
-        )
-    length = config.data.max_length
-    if sequence == -1:  # the rest of the devices: `sharding.check_row_length` checks the size
-        return
-    if length % (2 * sequence):
-        raise ValueError(
-            f"config.data.max_length={length} must be divisible by 2 x config.mesh.sequence="
-            f"{sequence}: each shard holds two equal blocks of every row (the zigzag layout)"
-        )
-    block = config.model.attention_block_size
-    if block and (length // (2 * sequence)) % block:
-        raise ValueError(
-            f"config.model.attention_block_size={block} must divide the "
-            f"{length // (2 * sequence)} tokens of each of a row's {2 * sequence} zigzag blocks"
         )
 
 

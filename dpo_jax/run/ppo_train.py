@@ -233,7 +233,8 @@ def _score_source(config, model_config, tokenizer, prompts, policy_params, apply
 
 
 def check_reward_source(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError without a reward source, or with an unknown true reward."""
+    """Raises ValueError without a reward source, with an unknown true reward, or on a setup PPO
+    does not support yet (several processes, a sequence mesh axis)."""
     if not config.ppo.reward_model and not config.ppo.true_reward:
         raise ValueError(
             "PPO has no reward source: set config.ppo.reward_model to a reward model export "
@@ -249,6 +250,11 @@ def check_reward_source(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"PPO runs on one process for now ({jax.process_count()} started): the true reward "
             "is scored on the host and the prompt order is per process"
+        )
+    if config.mesh.sequence != 1:
+        raise ValueError(
+            f"config.mesh.sequence={config.mesh.sequence}: PPO does not split rows over a "
+            "sequence axis (its prompt and rollout rows are not padded to its multiples); set 1"
         )
 
 

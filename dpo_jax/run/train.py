@@ -151,7 +151,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
         topology's).
 
     Raises:
-      ValueError: mesh sizes that do not fit the devices, batch sizes not divisible.
+      ValueError: mesh sizes that do not fit the devices, batch sizes not divisible, a row
+        length or attention block size that does not divide over the sequence axis.
     """
     sizes = distributed.mesh_sizes(config.mesh)
     mesh = sharding.make_mesh(
@@ -162,7 +163,9 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
         num_devices=config.mesh.num_devices,
         devices=devices,
     )
-    sharding.check_row_length(config.data.max_length, mesh)
+    sharding.check_row_length(
+        config.data.max_length, mesh, block_size=config.model.attention_block_size
+    )
     micro_batch = config.data.batch_size // config.optimizer.grad_accum_steps
     what = "config.data.batch_size / config.optimizer.grad_accum_steps"
     sharding.check_batch_size(micro_batch, mesh, what=what)
