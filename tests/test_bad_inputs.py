@@ -13,9 +13,12 @@ from test_step_options import _tiny_model as tiny_llama  # noqa: E402
 from test_train_step import tiny_config  # noqa: E402
 from tiny_tokenizers import make_word_tokenizer  # noqa: E402
 
+from dpo_jax import sharding  # noqa: E402
 from dpo_jax.data import records  # noqa: E402
 from dpo_jax.models import init_params, load_hf, save_hf  # noqa: E402
 from dpo_jax.run import build, errors, train  # noqa: E402
+
+ONE_DEVICE = sharding.make_mesh(1, 1, 1, num_devices=1)  # the mesh the data builders read
 
 PAIR = {"prompt": "a", "chosen": "b", "rejected": "c"}
 CONVERSATION = {
@@ -120,10 +123,12 @@ def test_a_tokenizer_that_does_not_fit_the_data_is_an_error_with_the_counts(tmp_
     config = tiny_config(data__source=source, data__eval_source="")
     tokenizer = train.synthetic.make_tokenizer()
     with pytest.raises(ValueError, match=r"english.jsonl: the tokenizer does not fit this data: "):
-        build._train_batches(config, tokenizer, source, {}, "dpo")
+        build._train_batches(config, tokenizer, source, {}, "dpo", ONE_DEVICE)
     config.data.max_unknown_token_rate = 1.0  # turned off, the pipeline's counts tell the rest:
     with pytest.raises(ValueError, match="dropped: chosen_equals_rejected_after_truncation=8"):
-        build._train_batches(config, tokenizer, source, {}, "dpo")  # "blue" and "green": <unk>
+        build._train_batches(
+            config, tokenizer, source, {}, "dpo", ONE_DEVICE
+        )  # "blue" and "green": <unk>
 
 
 def test_fewer_records_than_one_batch_is_an_error(tmp_path):
@@ -133,4 +138,6 @@ def test_fewer_records_than_one_batch_is_an_error(tmp_path):
     )
     config = tiny_config(data__max_unknown_token_rate=1.0)
     with pytest.raises(ValueError, match=r"few.jsonl: 3 rows of kept pairs, fewer than one batch"):
-        build._train_batches(config, make_word_tokenizer(), str(records_path), {}, "dpo")
+        build._train_batches(
+            config, make_word_tokenizer(), str(records_path), {}, "dpo", ONE_DEVICE
+        )
