@@ -235,6 +235,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 100  # save every N optimizer steps (and at a stage's end)
     config.checkpoint.keep = 2  # keep the last N checkpoints of each stage
     config.checkpoint.export_hf = True  # write the final policy to <workdir>/hf (safetensors)
+    config.checkpoint.async_save = True  # False: a save finishes before the next step (less RAM)
     # A rerun of a workdir whose saved run config differs in a field that changes the run (model,
     # data, loss, optimizer, seed) is refused, naming the fields; True: warn and go on.
     config.checkpoint.allow_changed_config = False  # bool

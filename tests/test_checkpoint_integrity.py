@@ -128,3 +128,23 @@ def test_nan_weights_are_refused_on_load_on_save_and_on_export(tmp_path):
     with pytest.raises(errors.NonFiniteParams, match=r"checkpoint of step 1: .*final_norm"):
         checkpoint.save(manager, 1, state, jax.random.key(0), {}, force=True)
     assert not os.listdir(tmp_path / "ckpt")
+
+
+def test_a_synchronous_save_is_written_when_save_returns_and_restores(tmp_path):
+    # config.checkpoint.async_save=False (the Gemma configs on a CPU host): the checkpoint is
+    # committed before the next step starts, so the saved state is never alive beside the next.
+    ctx, stage, params = build(tiny_config(), tmp_path / "run")
+    state = stage_lib.init_state(stage, params, ctx)
+    manager = checkpoint.make_manager(
+        str(tmp_path / "ckpt"), keep=1, every_steps=1, async_save=False
+    )
+    assert checkpoint.save(manager, 1, state, jax.random.key(0), {"position": 3}, force=True)
+    assert os.path.exists(tmp_path / "ckpt" / "1" / "state" / "_METADATA")  # no wait needed
+    assert manager.all_steps() == [1]
+    restored, _, data_state = stage_lib.restore_or_init(manager, stage, params, ctx)
+    assert int(restored.step) == int(state.step) and data_state == {"position": 3}
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(restored.params),
+        jax.device_get(state.params),
+    )

@@ -6,6 +6,7 @@ as JSON). A frozen reference is never saved: it is re-derived from its source (t
 final checkpoint, or the loaded / initialised model).
 """
 
+import ctypes
 import json
 import os
 import sys
@@ -24,10 +25,38 @@ from dpo_jax.run.guards import check_finite
 
 # In a LoRA stage's directory: the sha256 of the base its adapters are trained on.
 LORA_BASE_FILE = "lora_base.json"
+# Gigabytes of a checkpoint's arrays orbax writes at once. Its default, 96, buffers a whole
+# state's writes in host memory at once: +0.9 GB of RSS for a 2 GiB state on this CPU, against
+# +0.13 GB with 1, and the save was no slower (docs/benchmarks.md).
+SAVE_CONCURRENT_GB = 1
 
 
-def make_manager(directory: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
+def release_host_memory() -> None:
+    """Returns freed heap pages to the OS (glibc's `malloc_trim`; a no-op without glibc).
+
+    Orbax's writer threads allocate in glibc's per-thread arenas; once freed, those pages stay
+    in the process (measured on this CPU: +1.0 GB of RSS kept after saving a 2 GiB state), where
+    the next step's buffers do not reuse them. The training loop calls this before each step.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
+
+
+def make_manager(
+    directory: str, *, keep: int, every_steps: int, async_save: bool = True
+) -> ocp.CheckpointManager:
     """An orbax CheckpointManager keeping the last `keep` checkpoints, one every `every_steps`.
+
+    Args:
+      directory: where the step directories go (a local path or a gs:// URL).
+      keep: checkpoints kept.
+      every_steps: save every N steps (and whenever `save` is forced).
+      async_save: the save is written in the background while the next steps run, so the
+        saved state and the next step's state are both alive (on a CPU host, both in RAM).
+        False: `save` returns once the checkpoint is written (config.checkpoint.async_save).
 
     Raises:
       ValueError: keep or every_steps < 1.
@@ -44,10 +73,16 @@ def make_manager(directory: str, *, keep: int, every_steps: int) -> ocp.Checkpoi
         save_interval_steps=every_steps,
         create=True,
         cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
     )
     if not storage.is_remote(directory):
         directory = os.path.abspath(directory)
-    return ocp.CheckpointManager(directory, options=options)
+    # The handlers the args name anyway, the state's with its writes in flight capped.
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB),
+        "data": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save(

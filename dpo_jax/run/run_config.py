@@ -25,6 +25,7 @@ FREE_FIELDS = (
     "log.",
     "checkpoint.every_steps",
     "checkpoint.keep",
+    "checkpoint.async_save",
     "checkpoint.export_hf",
     "checkpoint.allow_changed_config",
     "mesh.",

@@ -78,6 +78,7 @@ class Context:
     max_skipped_steps: int = 10  # with "skip": stop after this many in a row
     collapse_patience: int = 3  # warn after this many collapsed-looking log steps in a row
     step0_tolerance: float | None = None  # the step-0 check's relative tolerance; None: off
+    checkpoint_async: bool = True  # a save overlaps the next steps (False: it finishes first)
     wandb: Any = None  # the run's `wandb_log.WandbLog` (None: no W&B), fed by the metrics writer
 
 
@@ -307,6 +308,7 @@ def run_stage(stage: Stage, initial_params: Any, ctx: Context):
         os.path.join(directory, "checkpoints"),
         keep=ctx.checkpoint_keep,
         every_steps=ctx.checkpoint_every,
+        async_save=ctx.checkpoint_async,
     )
     if isinstance(stage.reference, reference_lib.AdaptersOffReference):
         has_checkpoints = manager.latest_step() is not None
@@ -373,6 +375,7 @@ class _Loop:
         tokens, last_time = 0, time.perf_counter()
         _, num_row_groups = sharding.row_group(ctx.mesh)
         for step in range(start, stage.num_steps):
+            checkpoint.release_host_memory()  # a finished save's write buffers
             data_position = stage.train_batches.get_state()
             host_batch = next(stage.train_batches)
             if update is None:

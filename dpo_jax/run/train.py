@@ -272,6 +272,7 @@ def make_context(
         seed=config.seed,
         checkpoint_every=config.checkpoint.every_steps,
         checkpoint_keep=config.checkpoint.keep,
+        checkpoint_async=config.checkpoint.async_save,
         log_every=config.log.every_steps,
         eval_every=config.log.eval_every_steps,
         num_eval_batches=config.log.num_eval_batches,
