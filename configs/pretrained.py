@@ -91,8 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 25
     if variant.startswith("gemma3_gguf"):
         # A CPU host holds the state in RAM: an asynchronous save keeps the saved state alive
-        # beside the next step's (Gemma 3 270M full fine-tuning peaked at 11.3 GB with it and
-        # 7.5 GB without, docs/benchmarks.md); each save then holds up the steps while it writes.
+        # beside the next step's (Gemma 3 270M full fine-tuning peaked at 11.6 GB with it and
+        # 7.94 GB without, docs/benchmarks.md); each save then holds up the steps while it writes.
         config.checkpoint.async_save = False
     config.log.every_steps = 5
     config.log.eval_every_steps = 25

@@ -232,6 +232,11 @@ def num_batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def batch_axes_of(mesh: Mesh | jax.sharding.AbstractMesh) -> tuple[str, ...]:
+    """The batch axes (BATCH_AXES) the mesh has, for the PartitionSpecs of `shard_map`s."""
+    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+
+
 def constrain_split_rows(x: jax.Array) -> jax.Array:
     """Under context parallelism (the mesh in context has "sequence" > 1), pins an activation
     [N, T, ...] to rows over the batch axes and T over "sequence"; else returns x as it is.
@@ -242,8 +247,7 @@ def constrain_split_rows(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if sequence_shards(mesh) == 1:
         return x
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
-    spec = PartitionSpec(batch_axes, SEQUENCE_AXIS, *([None] * (x.ndim - 2)))
+    spec = PartitionSpec(batch_axes_of(mesh), SEQUENCE_AXIS, *([None] * (x.ndim - 2)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from dpo_jax import sharding
 from dpo_jax.models import layers
-from dpo_jax.sharding import BATCH_AXES, SEQUENCE_AXIS
+from dpo_jax.sharding import SEQUENCE_AXIS
 
 # The window of a full-attention layer where one traced value serves both kinds of layer (the
 # layer scan's data): query index - key index < NO_WINDOW always holds.
@@ -76,8 +77,7 @@ def _zigzag_shard(block: int, shards: int) -> int:
 
 
 def _row_spec(mesh, ndim: int) -> PartitionSpec:
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
-    return PartitionSpec(batch_axes, SEQUENCE_AXIS, *([None] * (ndim - 2)))
+    return PartitionSpec(sharding.batch_axes_of(mesh), SEQUENCE_AXIS, *([None] * (ndim - 2)))
 
 
 def _permute_rows(x: jax.Array, mesh, local_fn) -> jax.Array:
@@ -167,16 +167,11 @@ def attention(
         ValueError: a block size that does not divide T / 2C.
     """
     shards, length = mesh.shape[SEQUENCE_AXIS], query.shape[1]
+    sharding.check_row_length(length, mesh, what="attention row length", block_size=block_size)
     order = zigzag_order(length, shards)
-    half = length // (2 * shards)
-    block_size = block_size or half
-    if half % block_size:
-        raise ValueError(
-            f"attention_block_size={block_size} must divide the {half} tokens of each of a row's "
-            f"{2 * shards} zigzag blocks"
-        )
+    block_size = block_size or length // (2 * shards)
     window = jnp.asarray(NO_WINDOW if sliding_window is None else sliding_window, jnp.int32)
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    batch_axes = sharding.batch_axes_of(mesh)
     heads_axis = _heads_axis(mesh, query.shape[2], key.shape[2])
     heads = PartitionSpec(batch_axes, SEQUENCE_AXIS, heads_axis, None)
     rows = PartitionSpec(batch_axes, SEQUENCE_AXIS)

@@ -10,7 +10,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec
 
-from dpo_jax.sharding import BATCH_AXES
+from dpo_jax import sharding
 
 # Tiles of queries and keys, largest first: splash's default of 128 under-fills a TPU's MXU.
 _BLOCKS = (512, 256, 128)
@@ -113,7 +113,7 @@ def splash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(query, key, value, segment_ids)
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    batch_axes = sharding.batch_axes_of(mesh)
     heads_axis = "tensor" if "tensor" in mesh.axis_names else None
     if heads_axis and key.shape[2] % mesh.shape[heads_axis]:
         raise ValueError(

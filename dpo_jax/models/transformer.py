@@ -90,7 +90,7 @@ class Transformer(nnx.Module):
             tokens, positions, segment_ids = (
                 context_parallel.to_zigzag(x, mesh) for x in (tokens, positions, segment_ids)
             )
-        rope, masks = _rope_and_masks(config, positions, segment_ids)
+        rope, masks = _rope_and_masks(config, positions, segment_ids, split_rows)
         graphdef, stacked = nnx.split(self.layers)
 
         def body(x, layer):
@@ -172,13 +172,15 @@ def _rope(config: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.Arra
     return rope
 
 
-def _rope_and_masks(config: ModelConfig, positions: jax.Array, segment_ids: jax.Array):
+def _rope_and_masks(
+    config: ModelConfig, positions: jax.Array, segment_ids: jax.Array, split_rows: bool
+):
     """cos/sin and [B, T, T] masks for the two layer kinds, computed once per forward."""
     rope = _rope(config, positions)
     masks = {"full": None, "sliding": None}
-    # Under context parallelism each attention block builds its mask from global token indices
-    # and the gathered segment ids (`context_parallel`); a [B, T, T] one would be the full row's.
-    split_rows = sharding.sequence_shards(jax.sharding.get_abstract_mesh()) > 1
+    # Under context parallelism (split_rows) each attention block builds its mask from global
+    # token indices and the gathered segment ids (`context_parallel`); a [B, T, T] one would be
+    # the full row's.
     if config.attention_impl == "xla" and not split_rows:
         masks["full"] = layers.attention_mask(segment_ids, None)
         if "sliding_attention" in config.layer_types:

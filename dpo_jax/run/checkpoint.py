@@ -7,6 +7,7 @@ final checkpoint, or the loaded / initialised model).
 """
 
 import ctypes
+import functools
 import json
 import os
 import sys
@@ -25,24 +26,30 @@ from dpo_jax.run.guards import check_finite
 
 # In a LoRA stage's directory: the sha256 of the base its adapters are trained on.
 LORA_BASE_FILE = "lora_base.json"
-# Gigabytes of a checkpoint's arrays orbax writes at once. Its default, 96, buffers a whole
-# state's writes in host memory at once: +0.9 GB of RSS for a 2 GiB state on this CPU, against
-# +0.13 GB with 1, and the save was no slower (docs/benchmarks.md).
+# Gigabytes of a checkpoint's arrays orbax writes at once. Its default, 96, lets the write
+# buffers of a whole state be in host memory at the same time.
 SAVE_CONCURRENT_GB = 1
+
+
+@functools.cache
+def _libc():
+    """glibc, or None where there is none (loaded once)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def release_host_memory() -> None:
     """Returns freed heap pages to the OS (glibc's `malloc_trim`; a no-op without glibc).
 
     Orbax's writer threads allocate in glibc's per-thread arenas; once freed, those pages stay
-    in the process (measured on this CPU: +1.0 GB of RSS kept after saving a 2 GiB state), where
-    the next step's buffers do not reuse them. The training loop calls this before each step.
+    in the process, where the next step's buffers do not reuse them. The training loop calls
+    this after each save (with config.checkpoint.async_save=False the save is done by then).
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def make_manager(

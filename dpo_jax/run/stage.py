@@ -375,7 +375,6 @@ class _Loop:
         tokens, last_time = 0, time.perf_counter()
         _, num_row_groups = sharding.row_group(ctx.mesh)
         for step in range(start, stage.num_steps):
-            checkpoint.release_host_memory()  # a finished save's write buffers
             data_position = stage.train_batches.get_state()
             host_batch = next(stage.train_batches)
             if update is None:
@@ -420,9 +419,9 @@ class _Loop:
         return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested))))
 
     def _save(self, done: int, state, rng, *, force: bool) -> None:
-        checkpoint.save(
-            self.manager, done, state, rng, self.stage.train_batches.get_state(), force=force
-        )
+        data_state = self.stage.train_batches.get_state()
+        if checkpoint.save(self.manager, done, state, rng, data_state, force=force):
+            checkpoint.release_host_memory()  # the (finished, when synchronous) save's buffers
 
     def _preempted(self, done, state, rng, pending, history, signal_name) -> None:
         """Saves the finished step and stops the run (`errors.Preempted`)."""
