@@ -11,13 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import safetensors
 import transformers
 from test_convert_hf import _hf_model, _our_logits, _padded_batch
 from test_gemma3_gguf import _TINY, _write_tiny_gguf
 from test_train_step import tiny_config
 
 from dpo_jax import lora
-from dpo_jax.models import convert_gguf, linear, load_hf, quantize
+from dpo_jax.models import convert_gguf, convert_hf, linear, load_hf, quantize
+from dpo_jax.models.safetensors_files import RowBlocks, write_safetensors_streamed
 from dpo_jax.models.transformer import logits
 from dpo_jax.run import train
 
@@ -65,6 +67,44 @@ def test_the_quantised_model_is_the_dequantised_one(tiny_gguf):
     got = logits(config, jax.device_put(params), tokens)
     want = logits(config, float_params, tokens)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("chunk_values", [1 << 22, 96], ids=["one_chunk", "many_chunks"])
+def test_a_whole_table_decodes_in_either_layout(tiny_gguf, monkeypatch, tmp_path, chunk_values):
+    """An unstacked kernel (the tied embedding, one layer's slice of a stacked kernel) decoded
+    chunk by chunk into its own layout or its transpose is the float loader's array exactly."""
+    monkeypatch.setattr(linear, "_DECODE_CHUNK_VALUES", chunk_values)
+    _, params, _ = convert_gguf.load_gguf(tiny_gguf, quantized=True)
+    _, float_params, _ = convert_gguf.load_gguf(tiny_gguf)
+    table, want = params["embedding"], np.asarray(float_params["embedding"])  # [V, D]
+    assert linear._row_chunks(*want.shape) > (1 if chunk_values == 96 else 0)
+    np.testing.assert_array_equal(linear.dense(table, jnp.float32), want)
+    np.testing.assert_array_equal(linear.dense_transposed(table, jnp.float32), want.T)
+    # A Linear weight's rows are its outputs: one layer of v_kernel [D, K, Dh], and an untied
+    # head read as [D, V] from rows [V, D] (the same blocks, marked transposed).
+    v_layer = jax.tree.map(lambda a: a[1], params["layers"]["attn"]["v_kernel"])
+    want_v = np.asarray(float_params["layers"]["attn"]["v_kernel"][1])
+    np.testing.assert_array_equal(linear.dense(v_layer, jnp.float32), want_v)
+    head = linear.Quantized(
+        table.data, table.type_index, table.type_names, want.shape[::-1], transposed=True
+    )
+    np.testing.assert_array_equal(linear.dense(head, jnp.float32), want.T)
+    np.testing.assert_array_equal(linear.dense_transposed(head, jnp.float32), want)
+    # The export's blocks of rows, and the file written from them.
+    blocks = [np.asarray(block) for block in linear.dense_row_blocks(table, jnp.float32)]
+    assert len(blocks) == linear._row_chunks(*want.shape)
+    np.testing.assert_array_equal(np.concatenate(blocks), want)
+    config = convert_gguf.load_gguf(tiny_gguf, quantized=True)[0]
+    convert_hf.save_hf(str(tmp_path), config, params)
+    with safetensors.safe_open(str(tmp_path / "model.safetensors"), "np") as written:
+        np.testing.assert_array_equal(written.get_tensor("model.embed_tokens.weight"), want)
+
+
+def test_row_blocks_that_do_not_fill_the_tensor_are_named(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    blocks = RowBlocks((4, 2), np.float32, [np.zeros((3, 2), np.float32)])
+    with pytest.raises(ValueError, match=r"t.safetensors: the blocks of 'w' hold 3 rows of 4"):
+        write_safetensors_streamed(path, [("w", (4, 2), np.float32)], [("w", blocks)], {})
 
 
 def _qlora_config(tiny_gguf, **changes):

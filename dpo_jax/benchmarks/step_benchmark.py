@@ -187,9 +187,12 @@ def build_step(config: ml_collections.ConfigDict):
 
     train.check_config(config)
     mesh = train.make_mesh(config)
-    _, model_config, _ = train.load_model(config, workdir=config.bench.workdir)
-    ctx = train.make_context(config, mesh, model_config, workdir="")
-    params = train.initial_params(model_config, None, ctx, config.seed)
+    _, model_config, loaded = train.load_model(config, workdir=config.bench.workdir)
+    # Random weights of the model's shapes, except a quantised base (QLoRA), which is the file's.
+    loaded = loaded if config.model.quantized else None
+    ctx = train.make_context(config, mesh, model_config, workdir="", loaded=loaded)
+    params = train.initial_params(model_config, loaded, ctx, config.seed)
+    del loaded
     options = train.loss_options(
         config, train.loss_names(config.dpo.loss_type), ctx.final_logit_softcapping
     )

@@ -15,7 +15,7 @@ import numpy as np
 from dpo_jax import storage
 from dpo_jax.models import linear, safetensors_files
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.safetensors_files import write_safetensors_streamed
+from dpo_jax.models.safetensors_files import RowBlocks, write_safetensors_streamed
 from dpo_jax.models.transformer import Params
 
 CONFIG_FILE = "config.json"
@@ -458,7 +458,15 @@ def save_hf(model_dir: str, config: ModelConfig, params: Params) -> None:
 
     def tensors():
         for path, group in by_path.items():
-            value = np.asarray(jax.device_get(linear.dense(_get(params, path), dtype)))
+            param = _get(params, path)
+            as_stored = [spec.to_hf for spec in group] == [_identity]
+            if isinstance(param, linear.Quantized) and as_stored:
+                # A quantised embedding: decoded and written a block of rows at a time.
+                blocks = linear.dense_row_blocks(param, dtype)
+                host_blocks = (np.asarray(jax.device_get(block)) for block in blocks)
+                yield group[0].hf_name, RowBlocks(group[0].hf_shape, dtype, host_blocks)
+                continue
+            value = np.asarray(jax.device_get(linear.dense(param, dtype)))
             for spec in group:
                 tensor = np.ascontiguousarray(
                     spec.to_hf(value if spec.layer is None else value[spec.layer])

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,41 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+    """A tensor given as consecutive blocks along its first axis, each written as it comes: the
+    whole tensor is never on the host (a quantised embedding decoded to float32 is 0.67 GB for
+    Gemma 3's 262,144 x 640).
+
+    Attributes:
+      shape: the whole tensor's shape.
+      dtype: every block's dtype.
+      blocks: arrays [rows_i, *shape[1:]] whose rows add up to shape[0].
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    blocks: Iterable[np.ndarray]
+
+
+def _write_tensor(writer, path: str, name: str, tensor: Any) -> None:
+    """Writes an array, or a `RowBlocks` block by block (checking each block's shape)."""
+    if not isinstance(tensor, RowBlocks):
+        writer.write(np.ascontiguousarray(tensor).view(np.uint8).data)
+        return
+    rows = 0
+    for block in tensor.blocks:
+        if block.shape[1:] != tuple(tensor.shape[1:]) or block.dtype != np.dtype(tensor.dtype):
+            raise ValueError(
+                f"{path}: a block {block.dtype}{list(block.shape)} of {name!r} does not fit "
+                f"{np.dtype(tensor.dtype)}{list(tensor.shape)}"
+            )
+        writer.write(np.ascontiguousarray(block).view(np.uint8).data)
+        rows += block.shape[0]
+    if rows != tensor.shape[0]:
+        raise ValueError(f"{path}: the blocks of {name!r} hold {rows} rows of {tensor.shape[0]}")
+
+
 def write_safetensors_streamed(path: str, entries, tensors, metadata: dict[str, str]) -> None:
     """A safetensors file written one tensor at a time, in `entries`' order.
 
@@ -41,7 +78,7 @@ def write_safetensors_streamed(path: str, entries, tensors, metadata: dict[str, 
     Args:
       path: a local path or a URL.
       entries: [(name, shape, numpy dtype)], the order the tensors come in.
-      tensors: an iterator of (name, array) in that order.
+      tensors: an iterator of (name, array or `RowBlocks`) in that order.
       metadata: the header's `__metadata__`.
     """
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -63,10 +100,10 @@ def write_safetensors_streamed(path: str, entries, tensors, metadata: dict[str, 
         writer.write(len(text).to_bytes(8, "little") + text)
         for name, tensor in tensors:
             want_name, want_shape, want_dtype = next(expected)
-            got = (name, tuple(tensor.shape), tensor.dtype)
+            got = (name, tuple(tensor.shape), np.dtype(tensor.dtype))
             if got != (want_name, tuple(want_shape), np.dtype(want_dtype)):
                 raise ValueError(f"{path}: tensor {got} is not the header's next, {want_name}")
-            writer.write(np.ascontiguousarray(tensor).view(np.uint8).data)
+            _write_tensor(writer, path, name, tensor)
 
 
 class LazyTensor:

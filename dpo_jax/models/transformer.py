@@ -144,12 +144,10 @@ class Transformer(nnx.Module):
 
     def _unembedding(self) -> jax.Array:
         """[D, V] in the compute dtype."""
-        if self.config.tie_word_embeddings:
-            # [D, V]; XLA folds the transpose into the dot
-            unembedding = linear.dense(self.embedding.get_value(), jnp.dtype(self.config.dtype)).T
-        else:
-            return linear.dense(self.lm_head.get_value(), jnp.dtype(self.config.dtype))
-        return unembedding.astype(jnp.dtype(self.config.dtype))
+        dtype = jnp.dtype(self.config.dtype)
+        if self.config.tie_word_embeddings:  # [V, D] -> [D, V]; XLA folds a float transpose
+            return linear.dense_transposed(self.embedding.get_value(), dtype)
+        return linear.dense(self.lm_head.get_value(), dtype)
 
 
 def _rope(config: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:

@@ -44,8 +44,9 @@ def release_host_memory() -> None:
     """Returns freed heap pages to the OS (glibc's `malloc_trim`; a no-op without glibc).
 
     Orbax's writer threads allocate in glibc's per-thread arenas; once freed, those pages stay
-    in the process, where the next step's buffers do not reuse them. The training loop calls
-    this after each save (with config.checkpoint.async_save=False the save is done by then).
+    in the process, where the next step's buffers do not reuse them; so do the compiler's. The
+    training loop calls this after compiling the step and after each save (with
+    config.checkpoint.async_save=False the save is done by then).
     """
     libc = _libc()
     if libc is not None:

@@ -377,11 +377,15 @@ class _Loop:
         for step in range(start, stage.num_steps):
             data_position = stage.train_batches.get_state()
             host_batch = next(stage.train_batches)
+            batch = sharding.put_batch(host_batch, ctx.mesh)
             if update is None:
                 update = compile_update(stage, ctx, state_shardings_of(state), host_batch)
-            state, metrics = update(
-                state, stage.reference, sharding.put_batch(host_batch, ctx.mesh), rng
-            )
+                # Compiled ahead of the first call (which then finds it in jit's cache), so the
+                # compiler's freed heap goes back to the OS before the step allocates: 0.4 GB of
+                # the 2.5 GB peak of Gemma 3 270M's QLoRA run (docs/lora.md).
+                update.lower(state, stage.reference, batch, rng).compile()
+                checkpoint.release_host_memory()
+            state, metrics = update(state, stage.reference, batch, rng)
             done = step + 1
             self.guard.after_dispatch(done, metrics, data_position)
             # host_batch is this process's row block; every block is an equal share of the batch.
