@@ -237,6 +237,12 @@ def batch_axes_of(mesh: Mesh | jax.sharding.AbstractMesh) -> tuple[str, ...]:
     return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
 
 
+def split_rows_spec(mesh: Mesh | jax.sharding.AbstractMesh, ndim: int) -> PartitionSpec:
+    """[N, T, ...] of `ndim` axes split as context parallelism splits rows: N over the batch
+    axes, T over "sequence", the rest whole."""
+    return PartitionSpec(batch_axes_of(mesh), SEQUENCE_AXIS, *([None] * (ndim - 2)))
+
+
 def constrain_split_rows(x: jax.Array) -> jax.Array:
     """Under context parallelism (the mesh in context has "sequence" > 1), pins an activation
     [N, T, ...] to rows over the batch axes and T over "sequence"; else returns x as it is.
@@ -247,8 +253,7 @@ def constrain_split_rows(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if sequence_shards(mesh) == 1:
         return x
-    spec = PartitionSpec(batch_axes_of(mesh), SEQUENCE_AXIS, *([None] * (x.ndim - 2)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, split_rows_spec(mesh, x.ndim)))
 
 
 def batch_spec(mesh: Mesh, ndim: int, *, token_axis: bool = False) -> PartitionSpec:

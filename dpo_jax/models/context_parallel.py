@@ -76,12 +76,8 @@ def _zigzag_shard(block: int, shards: int) -> int:
     return block if block < shards else 2 * shards - 1 - block
 
 
-def _row_spec(mesh, ndim: int) -> PartitionSpec:
-    return PartitionSpec(sharding.batch_axes_of(mesh), SEQUENCE_AXIS, *([None] * (ndim - 2)))
-
-
 def _permute_rows(x: jax.Array, mesh, local_fn) -> jax.Array:
-    spec = _row_spec(mesh, x.ndim)
+    spec = sharding.split_rows_spec(mesh, x.ndim)
     sharded = jax.shard_map(local_fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
     return sharded(x)
 

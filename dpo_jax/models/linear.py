@@ -139,7 +139,11 @@ def _dequantized_table(kernel: Quantized, dtype: Any, *, transpose: bool = False
             return jax.lax.dynamic_update_slice_in_dim(table, values.T, index * size, axis=1)
         return jax.lax.dynamic_update_slice_in_dim(table, values, index * size, axis=0)
 
-    table = jax.lax.fori_loop(0, count, write, jnp.zeros(matrix, dtype))
+    if count == 1:  # one layer's kernel inside the layer scan: no loop, no zeroed buffer
+        values = _rows(kernel.data, kernel.type_index, kernel).astype(dtype)
+        table = values.T if rows_are_columns else values
+    else:
+        table = jax.lax.fori_loop(0, count, write, jnp.zeros(matrix, dtype))
     return table.reshape(kernel.kernel_shape[::-1] if transpose else kernel.kernel_shape)
 
 
